@@ -1,0 +1,219 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+import hft_lightning.report as report_module
+from hft_lightning.metrics import AccuracyMatrix
+from hft_lightning.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FILES = {"metrics.json", "accuracy_matrix.png", "ability_curves.png", "summary.md"}
+
+ABILITIES = ["math", "code", "general"]
+STAGES = [
+    {"name": "math", "mixture": {"math": 1.0}, "steps": 30},
+    {"name": "code", "mixture": {"code": 1.0}, "steps": 40},
+    {"name": "general", "mixture": {"general": 1.0}, "steps": 50},
+    {"name": "unified", "mixture": {"math": 0.5, "code": 0.25, "general": 0.25}, "steps": 20},
+]
+BEFORE = [0.0, 0.125, 0.25]
+MATRIX = [[0.875, 0.25, 0.25], [0.5, 0.75, 0.375], [0.25, 0.5, 0.875], [0.75, 0.625, 0.8125]]
+DERIVED = {
+    "average_accuracy": 0.7291666666666666,
+    "forgetting": {"math": 0.125, "code": 0.125, "general": 0.0625},
+    "bwt": -0.10416666666666667,
+    "fwt": 0.125,
+}
+
+
+def write(directory, **overrides):
+    arguments = {
+        "abilities": ABILITIES,
+        "stages": STAGES,
+        "before": BEFORE,
+        "accuracy_matrix": MATRIX,
+        "derived": DERIVED,
+        **overrides,
+    }
+    return write_report(directory, **arguments)
+
+
+def load_metrics(directory: Path) -> dict:
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads((directory / "metrics.json").read_text(), parse_constant=refuse)
+
+
+def test_writes_every_file_and_returns_the_directory(tmp_path):
+    directory = tmp_path / "nested" / "report"
+    assert write(str(directory)) == directory
+    assert {path.name for path in directory.iterdir()} == FILES
+
+
+def test_metrics_json_holds_exactly_the_contract(tmp_path):
+    metrics = load_metrics(write(tmp_path))
+    assert metrics == {
+        "abilities": ABILITIES,
+        "stages": ["math", "code", "general", "unified"],
+        "before": BEFORE,
+        "accuracy_matrix": MATRIX,
+        "average_accuracy": DERIVED["average_accuracy"],
+        "forgetting": DERIVED["forgetting"],
+        "bwt": DERIVED["bwt"],
+        "fwt": DERIVED["fwt"],
+        "plan": [{"name": s["name"], "mixture": s["mixture"], "steps": s["steps"]} for s in STAGES],
+    }
+
+
+@pytest.mark.parametrize("name", ["accuracy_matrix.png", "ability_curves.png"])
+def test_images_are_valid_pngs(tmp_path, name):
+    path = write(tmp_path) / name
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    height, width, channels = image.shape
+    assert height > 200
+    assert width > 300
+    assert channels in (3, 4)
+    assert image[..., :3].std() > 0.05  # something is drawn, not a blank canvas
+
+
+def test_summary_has_plan_matrix_derived_numbers_and_images(tmp_path):
+    summary = (write(tmp_path) / "summary.md").read_text()
+    assert summary.startswith("# ")
+    assert "| unified | math 0.5, code 0.25, general 0.25 | 20 |" in summary
+    assert "| math | math 1 | 30 |" in summary
+    assert "| after | math | code | general |" in summary
+    assert "| before | 0.000 | 0.125 | 0.250 |" in summary
+    assert "| math | 0.875 | 0.250 | 0.250 |" in summary
+    assert "| unified | 0.750 | 0.625 | 0.812 |" in summary  # 0.8125 rounds half to even
+    assert "**Average accuracy**: 0.729" in summary
+    assert "**Max forgetting**: 0.125 (math)" in summary
+    assert "**BWT** (backward transfer): -0.104" in summary
+    assert "**FWT** (forward transfer): 0.125" in summary
+    assert "| general | 0.062 |" in summary
+    assert "![Accuracy matrix](accuracy_matrix.png)" in summary
+    assert "![Scores across stages](ability_curves.png)" in summary
+
+
+def test_nan_and_none_become_null_and_n_a(tmp_path):
+    directory = write(
+        tmp_path,
+        before=[math.nan, None, 0.25],
+        accuracy_matrix=[MATRIX[0], [math.nan] * 3, *MATRIX[2:]],
+        derived={**DERIVED, "bwt": math.nan, "forgetting": {**DERIVED["forgetting"], "code": float("nan")}},
+    )
+    metrics = load_metrics(directory)
+    assert metrics["before"] == [None, None, 0.25]
+    assert metrics["accuracy_matrix"][1] == [None, None, None]
+    assert metrics["bwt"] is None
+    assert metrics["forgetting"]["code"] is None
+    assert "NaN" not in (directory / "metrics.json").read_text()
+    summary = (directory / "summary.md").read_text()
+    assert "| before | n/a | n/a | 0.250 |" in summary
+    assert "**BWT** (backward transfer): n/a" in summary
+    assert matplotlib.image.imread(directory / "accuracy_matrix.png").size > 0
+
+
+def test_accepts_the_values_of_accuracy_matrix(tmp_path):
+    metric = AccuracyMatrix(ABILITIES, num_stages=len(STAGES), learned_at=[0, 1, 2])
+    metric.update(0, torch.tensor(BEFORE))
+    for i, row in enumerate(MATRIX):
+        metric.update(i + 1, torch.tensor(row))
+    result = metric.compute()
+    derived = {
+        "average_accuracy": result["average_accuracy"],
+        "forgetting": dict(zip(ABILITIES, result["forgetting"], strict=True)),
+        "bwt": result["bwt"],
+        "fwt": result["fwt"],
+    }
+    metrics = load_metrics(
+        write(tmp_path, before=metric.before.tolist(), accuracy_matrix=metric.stage_rows.tolist(), derived=derived)
+    )
+    assert metrics["accuracy_matrix"] == MATRIX  # multiples of 1/16 are exact in fp32
+    for key in ("average_accuracy", "bwt", "fwt"):
+        assert metrics[key] == pytest.approx(DERIVED[key], abs=1e-6)
+    assert metrics["forgetting"] == pytest.approx(DERIVED["forgetting"], abs=1e-6)
+
+
+def test_existing_report_is_replaced_cleanly(tmp_path):
+    write(tmp_path)
+    (tmp_path / "unrelated.txt").write_text("kept")
+    write(tmp_path, accuracy_matrix=[[1.0, 1.0, 1.0]] * len(STAGES))
+    assert load_metrics(tmp_path)["accuracy_matrix"] == [[1.0, 1.0, 1.0]] * len(STAGES)
+    assert "| unified | 1.000 | 1.000 | 1.000 |" in (tmp_path / "summary.md").read_text()
+    assert {path.name for path in tmp_path.iterdir()} == FILES | {"unrelated.txt"}  # no temporary file left
+
+
+def test_interrupted_write_keeps_the_previous_metrics_and_leaves_no_temporary(tmp_path, monkeypatch):
+    write(tmp_path)
+    before_interruption = (tmp_path / "metrics.json").read_bytes()
+    real_replace = os.replace
+
+    def fail_on_summary(source, destination):
+        if Path(destination).name == "summary.md":
+            raise OSError("disk full")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(report_module.os, "replace", fail_on_summary)
+    with pytest.raises(OSError, match="disk full"):
+        write(tmp_path, accuracy_matrix=[[1.0, 1.0, 1.0]] * len(STAGES))
+    assert (tmp_path / "metrics.json").read_bytes() == before_interruption
+    assert {path.name for path in tmp_path.iterdir()} == FILES
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    directory = write(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in FILES:
+        assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_does_not_import_pyplot(tmp_path):
+    code = (
+        "import sys; from hft_lightning.report import write_report; "
+        f"write_report({str(tmp_path)!r}, ['a'], [{{'name': 's', 'mixture': {{'a': 1}}, 'steps': 1}}], [0.0], [[1.0]], "
+        "{'average_accuracy': 1.0, 'forgetting': {'a': 0.0}, 'bwt': 0.0, 'fwt': 0.0}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"abilities": []}, "abilities"),
+        ({"abilities": ["math", "math", "code"]}, "abilities must be unique"),
+        ({"stages": []}, "stages"),
+        ({"stages": [{"name": "math", "steps": 1}, *STAGES[1:]]}, r"stages\[0\] must be a mapping with keys"),
+        ({"stages": [{**STAGES[0], "name": ""}, *STAGES[1:]]}, r"stages\[0\]\['name'\]"),
+        ({"stages": [*STAGES[:3], {**STAGES[3], "mixture": {"poetry": 1.0}}]}, r"stages\[3\]\['mixture'\].*poetry"),
+        ({"stages": [*STAGES[:3], {**STAGES[3], "mixture": {"math": "half"}}]}, r"stages\[3\]\['mixture'\] weights"),
+        ({"stages": [*STAGES[:3], {**STAGES[3], "steps": 2.5}]}, r"stages\[3\]\['steps'\]"),
+        ({"before": [0.0, 0.0]}, r"before must have one score per ability \(3"),
+        ({"before": [0.0, 1.5, 0.0]}, r"before scores must lie in \[0, 1\]"),
+        ({"accuracy_matrix": MATRIX[:3]}, r"accuracy_matrix must have one row per stage \(4"),
+        ({"accuracy_matrix": [*MATRIX[:3], [0.1, 0.2]]}, r"accuracy_matrix\[3\] must have one score per ability"),
+        ({"accuracy_matrix": [*MATRIX[:3], [0.1, -0.2, 0.3]]}, r"accuracy_matrix\[3\] scores must lie in \[0, 1\]"),
+        ({"derived": {"average_accuracy": 0.5, "forgetting": DERIVED["forgetting"]}}, r"derived is missing \['bwt'"),
+        ({"derived": {**DERIVED, "forgetting": {"math": 0.1}}}, r"derived\['forgetting'\] must map each ability"),
+        ({"derived": {**DERIVED, "bwt": math.inf}}, r"derived\['bwt'\] must be a finite number"),
+    ],
+)
+def test_invalid_arguments_raise_before_writing(tmp_path, overrides, match):
+    directory = tmp_path / "report"
+    with pytest.raises(ValueError, match=match):
+        write(directory, **overrides)
+    assert not directory.exists()
