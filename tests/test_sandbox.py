@@ -128,6 +128,52 @@ def test_tampering_with_builtins_fails_and_does_not_affect_other_programs():
     assert results == [False, True, False]
 
 
+def test_program_holds_no_pipe_but_its_own():
+    # Started while the slow program runs, the counter would inherit that program's result pipe if the
+    # sandbox did not close it; the only pipe it may hold is the one it reports its own verdict on.
+    slow = ADD_3 + "\nimport time\ntime.sleep(0.3)"
+    count_pipes = textwrap.dedent(
+        """
+        import os, stat
+        def pipes():
+            fds = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
+            return sum(stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in fds if os.path.exists(f"/proc/self/fd/{fd}"))
+        """
+    )
+    results = run_tests([slow, count_pipes, slow], [ADD_3_TESTS, ["assert pipes() == 1"], ADD_3_TESTS])
+    assert results == [True, True, True]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two programs running at once")
+def test_program_cannot_open_a_running_siblings_memory():
+    sibling = ADD_3 + "\nimport time\ntime.sleep(0.5)"
+    spy = textwrap.dedent(
+        """
+        import os, time
+        def probe():
+            time.sleep(0.1)
+            found, opened = 0, []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    status = open(f"/proc/{pid}/status").read()
+                except OSError:
+                    continue
+                if int(pid) == os.getpid() or f"Uid:\\t{os.getuid()}\\t" not in status:
+                    continue
+                found += 1
+                for name in ("mem", "environ"):
+                    try:
+                        open(f"/proc/{pid}/{name}", "rb").read(1)
+                        opened.append(name)
+                    except OSError:
+                        pass
+            return found, opened
+        """
+    )
+    spy_tests = ["found, opened = probe()", "assert found >= 1", "assert opened == []"]
+    assert run_tests([sibling, spy], [ADD_3_TESTS, spy_tests]) == [True, True]
+
+
 def test_environment_is_clean_and_unprivileged(monkeypatch):
     monkeypatch.setenv("HFT_SANDBOX_SECRET", "leaked")
     checks = [
@@ -137,6 +183,7 @@ def test_environment_is_clean_and_unprivileged(monkeypatch):
         f"assert not os.getcwd().startswith({str(REPO_ROOT)!r})",
         "assert os.listdir('.') == []",
         "assert sys.stdin.read() == ''",
+        "assert 'NoNewPrivs:\\t1' in open('/proc/self/status').read()",
         "assert os.geteuid() != 0",
     ]
     if os.geteuid() != 0:
@@ -153,7 +200,7 @@ def repo_file() -> Iterator[Path]:
     path.write_text("precious = True\n")
     path.chmod(0o644)
     yield path
-    shutil.rmtree(directory)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="programs keep the caller's rights unless started as root")
@@ -218,6 +265,11 @@ def test_new_processes_fail_and_none_are_left_behind(spawn):
 def test_huge_allocation_fails_and_the_batch_continues(body):
     results = run_tests([program(body), ADD_3], [ADD_3_TESTS] * 2, timeout_s=FAST_TIMEOUT_S, memory_mb=256)
     assert results == [False, True]
+
+
+def test_memory_limit_is_enforced():
+    checks = ["try:\n    bytearray(300 << 20)\nexcept MemoryError:\n    pass\nelse:\n    raise AssertionError"]
+    assert run_tests([ADD_3], [checks], memory_mb=256) == [True]
 
 
 def test_big_output_file_fails():
