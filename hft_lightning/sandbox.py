@@ -35,11 +35,12 @@ file that nobody could not read.
 Residual risks. Not a security boundary against a deliberate attacker: a program that introspects the
 interpreter (frames, ``gc``, ``ctypes``) can find its nonce and forge its own pass, and one that
 rebinds names the tests use or returns an object equal to everything passes weak asserts. It cannot
-forge another program's result (other pipes are closed in it and it never sees their nonces).
-Programs run as nobody can read world-readable files, write to world-writable directories such as
-``/tmp`` (1 MiB per file), open network sockets and signal other processes of nobody (they can make
-a sibling fail, never pass). Started as a non-root user, programs run as that user and can modify
-whatever it can (and, without Yama's ptrace restriction, attach to the training process). There is no seccomp filter, no namespace and no network isolation.
+forge another program's result: the other pipes are closed in it and the other children's memory is
+out of its reach. Programs run as nobody can read world-readable files, write to world-writable
+directories such as ``/tmp`` (1 MiB per file), open network sockets and signal other processes of
+nobody (they can make a sibling fail, never pass). Started as a non-root user, programs run as that
+user and can modify whatever it can (and, without Yama's ptrace restriction, attach to the training
+process). There is no seccomp filter, no namespace and no network isolation.
 
 Speed: 64 trivial programs score in 0.2-0.45 s on the 2-core development machine (median 0.43 s
 while other jobs held its load average near 5); a single program takes about 60 ms, mostly the
