@@ -272,6 +272,11 @@ def test_memory_limit_is_enforced():
     assert run_tests([ADD_3], [checks], memory_mb=256) == [True]
 
 
+def test_timeout_before_setup_scores_false_without_raising():
+    slow = program("import time\ntime.sleep(0.5)")
+    assert run_tests([slow] * 4, [ADD_3_TESTS] * 4, timeout_s=0.01) == [False] * 4
+
+
 def test_big_output_file_fails():
     source = program("with open('out.bin', 'wb') as f:\n    f.write(bytes(10**8))")
     assert run_tests([source], [ADD_3_TESTS]) == [False]
@@ -295,6 +300,7 @@ def test_batch_of_64_keeps_order():
         ({"timeout_s": math.inf}, "timeout_s"),
         ({"timeout_s": math.nan}, "timeout_s"),
         ({"memory_mb": 0}, "memory_mb"),
+        ({"memory_mb": 256.5}, "memory_mb"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, argument):
