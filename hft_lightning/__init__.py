@@ -1,0 +1,8 @@
+"""hft_lightning: Hierarchical Fine-Tuning of LLMs with PyTorch Lightning."""
+
+from hft_lightning.curriculum import Curriculum, Stage
+from hft_lightning.data.datamodule import StagedDataModule
+from hft_lightning.module import HFTModule
+from hft_lightning.progress import StageProgressBar
+
+__all__ = ["Curriculum", "HFTModule", "Stage", "StageProgressBar", "StagedDataModule"]

@@ -1,0 +1,1 @@
+"""SFT data: abilities, the tokenizer, tokenisation with masking, and the staged datamodule."""

@@ -1,0 +1,83 @@
+"""An ability: a named source of train and validation examples plus the scorer that judges generations.
+
+The built-in abilities are generated on the fly from a seed (no download); their train and validation
+splits are disjoint by construction: a candidate example goes to validation when its prompt hashes into
+the validation bucket, so the same prompt can never appear in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from hft_lightning.data.example import Example
+
+Scorer = Callable[[Sequence[str], Sequence[Example]], list[bool]]
+"""Judges a batch of generations: ``scorer(predictions, examples)[i]`` is True when prediction i is correct."""
+
+Generator = Callable[[random.Random], Example]
+"""Draws one example from a seeded random source."""
+
+
+@dataclass(frozen=True)
+class Ability:
+    """A named ability with its data and its scorer.
+
+    Attributes:
+        name: Short name used in stage plans, logs and reports (``math``, ``code``, ``general``).
+        train: Training examples.
+        val: Validation examples, disjoint from ``train``.
+        scorer: Judges generated responses against the examples' references.
+    """
+
+    name: str
+    train: Sequence[Example]
+    val: Sequence[Example]
+    scorer: Scorer
+
+
+def _in_validation_bucket(prompt: str, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def split_generated(
+    generate: Generator, num_train: int, num_val: int, seed: int, val_fraction: float = 0.2
+) -> tuple[list[Example], list[Example]]:
+    """Draws examples until both splits are full, routing each distinct prompt to exactly one split.
+
+    Args:
+        generate: Draws one example from a ``random.Random``.
+        num_train: Number of training examples to return.
+        num_val: Number of validation examples to return.
+        seed: Seed of the random source; the same seed gives the same splits.
+        val_fraction: Share of the prompt space reserved for validation.
+
+    Returns:
+        The train and validation examples. Train examples may repeat (small prompt spaces); validation
+        prompts are unique.
+
+    Raises:
+        ValueError: If the generator cannot produce enough distinct validation prompts.
+    """
+    rng = random.Random(seed)
+    train: list[Example] = []
+    val: list[Example] = []
+    seen_val: set[str] = set()
+    max_draws = 50 * (num_train + num_val) + 1000
+    for _ in range(max_draws):
+        if len(train) >= num_train and len(val) >= num_val:
+            return train, val
+        example = generate(rng)
+        if _in_validation_bucket(example.prompt, val_fraction):
+            if len(val) < num_val and example.prompt not in seen_val:
+                seen_val.add(example.prompt)
+                val.append(example)
+        elif len(train) < num_train:
+            train.append(example)
+    raise ValueError(
+        f"could not draw {num_train} train and {num_val} distinct validation examples "
+        f"(got {len(train)} and {len(val)}): the prompt space is too small for num_val={num_val}"
+    )

@@ -1,0 +1,66 @@
+"""``builtin:math``: arithmetic word problems answered with one worked line and a final answer line.
+
+Problems use single-digit operands (addition, subtraction with a non-negative result, multiplication),
+wrapped in a few story templates. The response shows the computation, then ``Answer: <n>``; a generation
+is correct when the integer on its last ``Answer:`` line equals the reference (exact match, GSM8K style).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+from hft_lightning.data.example import Example
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kim", "Leo")
+ITEMS = ("apples", "books", "coins", "pens", "stamps", "cards", "shells", "marbles", "cups", "kites")
+
+_TEMPLATES = {
+    "+": (
+        "{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?",
+        "{name} had {a} {item}. A friend gave {name} {b} {item}. How many {item} does {name} have?",
+        "There are {a} {item} in a box and {b} {item} on the table. How many {item} are there in all?",
+    ),
+    "-": (
+        "{name} has {a} {item} and gives away {b}. How many {item} are left?",
+        "There were {a} {item} on a shelf. {name} took {b}. How many {item} remain on the shelf?",
+    ),
+    "*": (
+        "{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?",
+        "{name} buys {a} packs of {item}. Each pack holds {b} {item}. How many {item} did {name} buy?",
+    ),
+}
+
+_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+
+
+def generate(rng: random.Random) -> Example:
+    """Draws one word problem.
+
+    Args:
+        rng: Seeded random source.
+
+    Returns:
+        An example whose reference is ``{"answer": <int>}``.
+    """
+    op = rng.choice(tuple(_TEMPLATES))
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if op == "-":
+        a = a + b  # keep the result non-negative: a in [b + 1, b + 9]
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
+    template = rng.choice(_TEMPLATES[op])
+    prompt = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
+    response = f"{a} {op} {b} = {result}\nAnswer: {result}"
+    return Example(prompt=prompt, response=response, reference={"answer": result})
+
+
+def extract_answer(text: str) -> int | None:
+    """Returns the integer on the last ``Answer:`` line of ``text``, or None if there is none."""
+    matches = _ANSWER.findall(text)
+    return int(matches[-1]) if matches else None
+
+
+def score(predictions: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+    """Exact match of the extracted final answer against each example's reference answer."""
+    return [extract_answer(p) == e.reference["answer"] for p, e in zip(predictions, examples, strict=True)]

@@ -1,0 +1,109 @@
+"""The data side of a staged run: every ability's train and validation split, and the tokenizer.
+
+Training sees one stage at a time: :meth:`StagedDataModule.train_dataloader` is called again at every
+epoch (one epoch per stage) and samples from the current stage's mixture. Validation always covers every
+ability, one dataloader per ability in declaration order, whatever stage is training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from torch.utils.data import ConcatDataset, DataLoader
+
+from hft_lightning.curriculum import Curriculum
+from hft_lightning.data.ability import Ability
+from hft_lightning.data.builtin import load_ability
+from hft_lightning.data.sampler import StageBatchSampler
+from hft_lightning.data.sft import SFTCollator, SFTDataset
+from hft_lightning.data.tokenizer import build_tokenizer
+
+DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
+
+
+class StagedDataModule(pl.LightningDataModule):
+    """Abilities, tokenizer and the per-stage training data of a curriculum.
+
+    Args:
+        abilities: Ability sources; ``builtin:math``, ``builtin:code`` and ``builtin:general`` are generated
+            locally. Each ability is named after the part after ``builtin:`` (used in stage mixtures).
+        num_train: Training examples generated per ability.
+        num_val: Validation examples per ability (disjoint from training), scored at every validation.
+        batch_size: Training batch size.
+        val_batch_size: Validation (generation) batch size.
+        vocab_size: Size of the BPE tokenizer trained on the abilities' data.
+        seed: Seed of data generation and of every stage's data order.
+
+    Example::
+
+        data = StagedDataModule(num_train=100, num_val=8)
+        data.ability_names  # ['math', 'code', 'general']
+    """
+
+    def __init__(
+        self,
+        abilities: Sequence[str] = DEFAULT_ABILITIES,
+        num_train: int = 4000,
+        num_val: int = 100,
+        batch_size: int = 32,
+        val_batch_size: int = 100,
+        vocab_size: int = 1024,
+        seed: int = 0,
+    ):
+        super().__init__()
+        for name, value in {"num_train": num_train, "num_val": num_val, "batch_size": batch_size,
+                            "val_batch_size": val_batch_size}.items():  # fmt: skip
+            if value <= 0:
+                raise ValueError(f"data.{name} must be positive, got {value}")
+        if not abilities:
+            raise ValueError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
+        self.abilities: list[Ability] = [load_ability(source, num_train, num_val, seed) for source in abilities]
+        names = self.ability_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.abilities: ability names must be unique, got {names}")
+        texts = [text for a in self.abilities for e in (*a.train, *a.val) for text in (e.prompt, e.response)]
+        self.tokenizer = build_tokenizer(texts, vocab_size)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.seed = seed
+        self._collate = SFTCollator(self.tokenizer.pad_token_id)
+
+    @property
+    def ability_names(self) -> list[str]:
+        """Names of the abilities, in declaration order (the order of the validation dataloaders)."""
+        return [a.name for a in self.abilities]
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
+        trainer = self.trainer
+        curriculum = Curriculum.of(trainer)
+        curriculum.check_abilities(self.ability_names)
+        index = curriculum.stage_index
+        stage = curriculum.stages[index]
+        accumulate = trainer.accumulate_grad_batches
+        sampler = StageBatchSampler(
+            dataset_sizes=[len(a.train) for a in self.abilities],
+            weights=[stage.mixture.get(name, 0.0) for name in self.ability_names],
+            batch_size=self.batch_size,
+            num_batches=stage.steps * accumulate,
+            seed=self.seed * 1000 + index,
+            start_batch=(trainer.global_step - curriculum.steps_before(index)) * accumulate,
+        )
+        dataset = ConcatDataset([SFTDataset(a.train, self.tokenizer) for a in self.abilities])
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self._collate)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One dataloader per ability, with prompts for generation and examples for scoring."""
+        return [
+            DataLoader(
+                SFTDataset(a.val, self.tokenizer, with_prompt=True),
+                batch_size=self.val_batch_size,
+                collate_fn=self._collate,
+            )
+            for a in self.abilities
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The validation splits: the built-in abilities have no separate test split."""
+        return self.val_dataloader()

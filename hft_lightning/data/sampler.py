@@ -1,0 +1,60 @@
+"""Deterministic, resumable batches for one stage of the curriculum.
+
+Batch ``b`` of a stage is a pure function of ``(seed, b)``: its abilities are drawn from the stage's
+mixture weights and its examples uniformly within each ability, from a generator seeded for that batch
+alone. Resuming in the middle of a stage therefore needs no sampler state: start at batch
+``start_batch`` and the data order is exactly the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class StageBatchSampler(Sampler[list[int]]):
+    """Yields batches of indices into the concatenation of the abilities' training sets.
+
+    Args:
+        dataset_sizes: Number of training examples of each ability, in concatenation order.
+        weights: Mixture weight of each ability in this stage (non-negative, not all zero).
+        batch_size: Examples per batch.
+        num_batches: Batches in the stage (optimizer steps times gradient accumulation).
+        seed: Seed of this stage's data order.
+        start_batch: First batch to yield (batches before it were consumed before a resume).
+    """
+
+    def __init__(
+        self,
+        dataset_sizes: Sequence[int],
+        weights: Sequence[float],
+        batch_size: int,
+        num_batches: int,
+        seed: int,
+        start_batch: int = 0,
+    ):
+        if len(dataset_sizes) != len(weights):
+            raise ValueError(f"got {len(weights)} weights for {len(dataset_sizes)} datasets")
+        self.sizes = torch.tensor(dataset_sizes)
+        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.seed = seed
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, index: int) -> list[int]:
+        """The indices of batch ``index`` of this stage."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        which = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=generator)
+        within = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * self.sizes[which]).long()
+        return (self.offsets[which] + within).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index in range(self.start_batch, self.num_batches):
+            yield self.batch(index)

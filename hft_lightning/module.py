@@ -1,0 +1,209 @@
+"""The LightningModule of a Hierarchical Fine-Tuning run.
+
+A causal LM is trained on masked SFT batches and evaluated by generation on every ability.
+
+Evaluation runs greedy batched generation (KV cache) on each ability's validation split and scores it
+with that ability's scorer. The scores after each stage fill one row of the accuracy matrix. The row of
+scores before training is measured at the start of ``fit``, once: a resumed run keeps the rows it
+checkpointed, and a run resumed exactly at a stage boundary measures the row whose validation Lightning
+skips on such a restart. At the end of ``fit`` the report is written to ``<default_root_dir>/report``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from typing_extensions import override
+
+from hft_lightning.curriculum import Curriculum
+from hft_lightning.metrics.ability_score import AbilityScore
+from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from hft_lightning.report import write_report
+
+
+class HFTModule(pl.LightningModule):
+    """A small LLaMA-style causal LM built from a config, fine-tuned stage by stage.
+
+    Args:
+        tokenizer: Tokenizer with a chat template (linked from ``data.tokenizer`` by the CLI).
+        hidden_size: Width of the transformer.
+        num_layers: Number of decoder layers.
+        num_heads: Attention heads (also key/value heads).
+        intermediate_size: Width of the MLP.
+        max_position_embeddings: Longest sequence the model handles.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps at the start of training; constant afterwards.
+        max_new_tokens: Generation budget per validation response.
+
+    Example::
+
+        from hft_lightning import StagedDataModule
+        module = HFTModule(StagedDataModule(num_train=100, num_val=8).tokenizer, hidden_size=64, num_layers=1)
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        hidden_size: int = 192,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        intermediate_size: int = 512,
+        max_position_embeddings: int = 256,
+        learning_rate: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        max_new_tokens: int = 48,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+        self.model = LlamaForCausalLM(config)
+        self.model.generation_config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        self.ability_names: list[str] = []
+        self.ability_scores = nn.ModuleDict()
+        self.accuracy_matrix: AccuracyMatrix | None = None
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self.ability_names = datamodule.ability_names
+        self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in datamodule.abilities})
+        curriculum = Curriculum.of(self.trainer)
+        learned_at = [curriculum.learned_at(name) for name in self.ability_names]
+        self.accuracy_matrix = AccuracyMatrix(self.ability_names, len(curriculum.stages), learned_at)
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        self.log("train/loss", loss.loss, prog_bar=True)
+        return loss.loss
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[str]:
+        """Greedy batched generation from left-padded prompts; returns the decoded responses."""
+        output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_attention_mask)
+        return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+
+    def _score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        predictions = self.generate(batch["prompt_ids"], batch["prompt_attention_mask"])
+        self.ability_scores[self.ability_names[dataloader_idx]].update(predictions, batch["examples"])
+
+    def _evaluation_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        name = self.ability_names[dataloader_idx]
+        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        self.log(f"{split}/{name}/loss", loss.loss, add_dataloader_idx=False, batch_size=len(batch["examples"]))
+        self._score_batch(batch, dataloader_idx)
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step("val", batch, dataloader_idx)
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step("test", batch, dataloader_idx)
+
+    def _compute_scores(self) -> torch.Tensor:
+        """Scores of every ability, shape ``[num_abilities]``; resets the per-ability metrics."""
+        scores = torch.stack([self.ability_scores[name].compute() for name in self.ability_names])
+        for metric in self.ability_scores.values():
+            metric.reset()
+        return scores
+
+    def _log_scores(self, split: str, scores: torch.Tensor) -> None:
+        for name, score in zip(self.ability_names, scores, strict=True):
+            self.log(f"{split}/{name}/score", score, add_dataloader_idx=False)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        scores = self._compute_scores()
+        self._log_scores("val", scores)
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        self.accuracy_matrix.update(self.trainer.current_epoch + 1, scores)
+        derived = self.accuracy_matrix.compute()
+        self.log("cl/average_accuracy", derived["average_accuracy"])
+        self.log("cl/bwt", derived["bwt"])
+        self.log("cl/fwt", derived["fwt"])
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test", self._compute_scores())
+
+    @override
+    def on_train_start(self) -> None:
+        # Rows measurable now: "before" at step 0, and after a resume exactly at a stage boundary, the row of the
+        # stage that just ended (Lightning does not rerun an epoch-end validation a checkpoint was taken before).
+        curriculum = Curriculum.of(self.trainer)
+        step = self.trainer.global_step
+        rows = [
+            row
+            for row in range(len(curriculum.stages) + 1)
+            if curriculum.steps_before(row) == step and torch.isnan(self.accuracy_matrix.matrix[row]).all()
+        ]
+        if not rows:
+            return
+        self.model.eval()
+        for dataloader_idx, loader in enumerate(self.trainer.val_dataloaders):
+            for batch in loader:
+                self._score_batch(self.transfer_batch_to_device(batch, self.device, dataloader_idx), dataloader_idx)
+        self.model.train()
+        scores = self._compute_scores()
+        for row in rows:
+            self.accuracy_matrix.update(row, scores)
+        if self.logger is not None:
+            named = zip(self.ability_names, scores.tolist(), strict=True)
+            self.logger.log_metrics({f"val/{name}/score": score for name, score in named}, step=step)
+
+    @override
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        derived = self.accuracy_matrix.compute()
+        report = write_report(
+            Path(self.trainer.default_root_dir) / "report",
+            abilities=self.ability_names,
+            stages=Curriculum.of(self.trainer).plan(),
+            before=self.accuracy_matrix.before.tolist(),
+            accuracy_matrix=self.accuracy_matrix.stage_rows.tolist(),
+            derived={
+                "average_accuracy": derived["average_accuracy"].item(),
+                "forgetting": dict(zip(self.ability_names, derived["forgetting"].tolist(), strict=True)),
+                "bwt": derived["bwt"].item(),
+                "fwt": derived["fwt"].item(),
+            },
+        )
+        rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
+        )
+        warmup = max(self.hparams.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+from conftest import make_trainer, tiny_module
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from hft_lightning import Curriculum, Stage
+
+STAGES = [
+    Stage("math", 3, {"math": 1.0}),
+    Stage("code", 3, {"code": 1.0}),
+    Stage("unified", 2, {"math": 1.0, "code": 1.0, "general": 1.0}),
+]
+
+
+class Recorder(Callback):
+    """Records the stage hooks and the prompts each stage trains on."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.events = []
+        self.prompts = {}
+
+    def on_stage_start(self, trainer, pl_module, stage):
+        self.events.append(("start", stage.name, trainer.global_step))
+
+    def on_stage_end(self, trainer, pl_module, stage):
+        self.events.append(("end", stage.name, trainer.global_step))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        stage = Curriculum.of(trainer).current_stage.name
+        texts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        self.prompts.setdefault(stage, []).extend(texts)
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([], "stage plan is empty"),
+        ([Stage("a", 0, {"math": 1.0})], r"stages\[0\] \('a'\).steps must be a positive"),
+        ([Stage("a", 1, {})], r"stages\[0\] \('a'\).mixture is empty"),
+        ([Stage("a", 1, {"math": -1.0})], r"mixture\['math'\] must be a finite weight >= 0"),
+        ([Stage("a", 1, {"math": 0.0, "code": 0.0})], "weights are all zero"),
+        ([Stage("a", 1, {"math": 1.0}), Stage("a", 1, {"code": 1.0})], "names must be unique"),
+    ],
+)
+def test_bad_plans_are_rejected_naming_the_field(stages, message):
+    with pytest.raises(ValueError, match=message):
+        Curriculum(stages)
+
+
+def test_undeclared_ability_is_rejected_before_training(tiny_data, tmp_path):
+    curriculum = Curriculum([Stage("poetry", 1, {"poetry": 1.0})])
+    trainer = make_trainer(tmp_path, [curriculum])
+    with pytest.raises(ValueError, match=r"undeclared abilities \['poetry'\].*\['math', 'code', 'general'\]"):
+        trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
+    assert trainer.global_step == 0
+
+
+def test_a_curriculum_is_required(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match=r"exactly one hft_lightning\.Curriculum"):
+        make_trainer(tmp_path, []).fit(tiny_module(tiny_data), datamodule=tiny_data)
+
+
+def test_stages_switch_data_and_announce_boundaries(tiny_data, tmp_path):
+    recorder = Recorder(tiny_data.tokenizer)
+    trainer = make_trainer(tmp_path, [Curriculum(STAGES), recorder])
+    trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
+    assert trainer.global_step == 8
+    assert recorder.events == [
+        ("start", "math", 0), ("end", "math", 3),
+        ("start", "code", 3), ("end", "code", 6),
+        ("start", "unified", 6), ("end", "unified", 8),
+    ]  # fmt: skip
+    assert all("How many" in text for text in recorder.prompts["math"])
+    assert all("Write a Python function" in text for text in recorder.prompts["code"])
+    assert len(recorder.prompts["unified"]) == 2 * tiny_data.batch_size
+
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["abilities"] == ["math", "code", "general"]
+    assert report["stages"] == ["math", "code", "unified"]
+    assert len(report["before"]) == 3
+    assert [len(row) for row in report["accuracy_matrix"]] == [3, 3, 3]
+    assert all(0 <= v <= 1 for row in report["accuracy_matrix"] for v in row)
+    assert set(report["forgetting"]) == {"math", "code", "general"}
+    for name in ("summary.md", "accuracy_matrix.png", "ability_curves.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def _fit(data, root, ckpt_path=None, checkpoint=None):
+    recorder = Recorder(data.tokenizer)
+    callbacks = [Curriculum(STAGES), recorder] + ([checkpoint] if checkpoint else [])
+    trainer = make_trainer(root, callbacks, enable_checkpointing=checkpoint is not None)
+    module = tiny_module(data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer, recorder
+
+
+# mid-stage; on the last batch of a stage (before its validation); mid next stage
+@pytest.mark.parametrize(("resume_step", "events_left"), [(2, 5), (3, 5), (4, 3)])
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, resume_step, events_left):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    uninterrupted, _, full = _fit(tiny_data, tmp_path / "a", checkpoint=checkpoint)
+    ckpt = next((tmp_path / "ckpt").glob(f"*step={resume_step}.ckpt"))
+    resumed, trainer, rest = _fit(tiny_data, tmp_path / "b", ckpt_path=str(ckpt))
+    assert trainer.global_step == 8
+    assert rest.events == full.events[-events_left:]  # every boundary announced exactly once overall
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True, msg=name)
+    assert json.loads((tmp_path / "a" / "report" / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "b" / "report" / "metrics.json").read_text()
+    )
+
+
+def test_resuming_with_another_plan_is_an_error():
+    curriculum = Curriculum(STAGES)
+    with pytest.raises(ValueError, match="differ from the checkpoint's plan"):
+        curriculum.load_state_dict({**Curriculum(STAGES[:2]).state_dict()})
