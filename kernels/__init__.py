@@ -11,12 +11,17 @@ This package imports torch and (optionally) triton only: never Lightning, transf
 from kernels.backend import BACKEND_ENV_VAR, BACKENDS, HAS_TRITON, resolve_backend
 from kernels.ewc import ewc_penalty_
 from kernels.fisher import fisher_accumulate_
+from kernels.gem_dots import gem_dots
+from kernels.gem_project import MAX_REFS, gem_project_
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
     "HAS_TRITON",
+    "MAX_REFS",
     "ewc_penalty_",
     "fisher_accumulate_",
+    "gem_dots",
+    "gem_project_",
     "resolve_backend",
 ]

@@ -110,3 +110,21 @@ def peak_growth_mib(build: str, op: str) -> float:
 
 
 linux_only = pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+
+
+def flat64(tensors) -> torch.Tensor:
+    """All tensors of a list as one fp64 vector (test oracles only)."""
+    return torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+
+
+def gem_inputs(case: str, dtype: torch.dtype, k: int, seed: int = 0, kind: str = "random"):
+    """Gradients and k references; ``kind="conflict"`` makes g oppose correlated references (active constraints)."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = make_list(case, dtype, gen)
+    if kind == "random":
+        refs = [make_list(case, torch.float32, gen) for _ in range(k)]
+    else:
+        base = make_list(case, torch.float32, gen)
+        refs = [[b + 0.3 * torch.randn(b.shape, generator=gen) for b in base] for _ in range(k)]
+        grads = [(0.5 * g.float() - b).to(dtype) for g, b in zip(grads, base, strict=True)]
+    return grads, refs
