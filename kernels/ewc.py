@@ -97,8 +97,7 @@ def _ewc_torch(lists: list[list[torch.Tensor]], lam: float, device: torch.device
         d = mt.flat_f32(params).sub_(mt.flat_f32(anchors))
         fd = d.mul(mt.flat_f32(fisher))
         sums.append(torch.dot(fd, d))
-        step = fd.mul_(lam)
-        step.masked_fill_(~torch.isfinite(step), 0.0)
+        step = fd.mul_(lam).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # non-finite terms are dropped
         mt.copy_flat_(grads, mt.flat_f32(grads).add_(step))
     return torch.stack(sums).sum()
 
