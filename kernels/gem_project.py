@@ -25,7 +25,7 @@ Jacobi scaling to a unit diagonal plus a ridge of 1e-10 that keeps collinear ref
 grows as 2^k k^3 (4096 12x12 systems at the limit ``MAX_REFS = 12``), nothing next to the passes over
 N. Unlike a fixed number of projected-gradient or coordinate-descent sweeps, whose error on correlated
 references stayed above 1e-3 after 256 sweeps in our trials, the result is exact up to the ridge: the tests
-find constraint violations below 1e-6 relative against quadprog and scipy's NNLS.
+match quadprog (primal) and scipy's NNLS (dual) within 1e-5 relative in fp32, degenerate instances included.
 
 Degenerate inputs: a zero reference has no constraint and gets v_j = 0; collinear references share the
 projection; a zero g gives v = 0. Non-finite values: a NaN or Inf in g or in the references makes v NaN
@@ -161,9 +161,9 @@ def gem_project_(
 
     ``g += G^T v*`` with ``v* = argmin_{v >= 0} 1/2 v^T G G^T v + v^T G g``: afterwards ``<g_j, g> >= 0``
     for every reference (up to the rounding of g to its dtype), and g is unchanged when that already held.
-    Two passes over memory (``gem_dots``, then the update, which skips references with ``v_j = 0``) and a
-    k x k solve on the device; no host sync. Reference path: per bucket, the same two passes on
-    bucket-sized fp32 buffers; no model-sized temporary.
+    Two passes over memory (``gem_dots``, then the update; the Triton update does not read references with
+    ``v_j = 0``, nor anything when v = 0) and a k x k solve on the device; no host sync. Reference path:
+    per bucket, the same two passes on bucket-sized fp32 buffers; no model-sized temporary.
 
     Args:
         grads: T gradient tensors g, fp32, bf16 or fp16, any shapes, contiguous or not; updated in place.
