@@ -16,4 +16,4 @@ test-slow:
 	python -m pytest -m slow
 
 bench:
-	python benchmarks/bench_ewc.py && python benchmarks/bench_fisher.py && python benchmarks/bench_gem.py
+	for b in ewc fisher gem_dots gem_project; do python benchmarks/bench_$$b.py || exit 1; done
