@@ -1,44 +1,19 @@
-"""Tiny, fast building blocks shared by the tests: a small datamodule and model, and a CPU trainer."""
-
-from __future__ import annotations
+"""Session-wide test settings and the shared tiny datamodule."""
 
 import os
 
 import pytest
+import torch
 
+# triton.jit decides at decoration time whether a kernel is compiled or interpreted: without a GPU, the Triton
+# kernels run on CPU through the interpreter, so this must be set before anything imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-
-TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_new_tokens": 12}
-TINY_DATA = {"num_train": 64, "num_val": 6, "batch_size": 4, "val_batch_size": 6, "vocab_size": 400}
 
 
 @pytest.fixture(scope="session")
 def tiny_data():
-    from hft_lightning import StagedDataModule
+    from tests.helpers import tiny_datamodule
 
-    return StagedDataModule(**TINY_DATA)
-
-
-def make_trainer(root, callbacks, **overrides):
-    """A quiet, deterministic CPU trainer for tests."""
-    from lightning.pytorch import Trainer
-
-    options = {
-        "default_root_dir": root,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "deterministic": True,
-    }
-    options.update(overrides)
-    return Trainer(callbacks=callbacks, **options)
-
-
-def tiny_module(data, **overrides):
-    from hft_lightning import HFTModule
-
-    return HFTModule(data.tokenizer, **{**TINY_MODEL, **overrides})
+    return tiny_datamodule()

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_trainer, tiny_module
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import Curriculum, Stage
+from tests.helpers import make_trainer, tiny_module
 
 STAGES = [
     Stage("math", 3, {"math": 1.0}),
