@@ -8,14 +8,18 @@ The embedded default is the constructors' defaults plus :func:`trainer_defaults`
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import asdict
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from hft_lightning.curriculum import DEFAULT_STAGES
+from hft_lightning.curriculum import DEFAULT_STAGES, Curriculum
 from hft_lightning.data.datamodule import StagedDataModule
+from hft_lightning.errors import find_config_error
 from hft_lightning.module import HFTModule
 
 DEFAULT_ROOT_DIR = "runs/hft"
@@ -42,8 +46,28 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+class SaveRunConfig(SaveConfigCallback):
+    """Saves each subcommand's config to its own file in the log directory, replacing an older one.
+
+    ``fit`` writes ``config.yaml`` (a resumed fit in the same directory rewrites it), ``validate`` and ``test``
+    write ``config_validate.yaml`` and ``config_test.yaml``, so evaluating a checkpoint never clobbers the
+    configuration of the run that trained it.
+    """
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            self.config_filename = f"config_{TrainerFn(stage).value}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class HFTCLI(LightningCLI):
-    """LightningCLI with the tokenizer of the data linked into the model."""
+    """LightningCLI with the tokenizer of the data linked into the model and the plan checked before any run."""
+
+    def _check_plan(self) -> None:
+        Curriculum.of(self.trainer).check_abilities(self.datamodule.ability_names)
+
+    before_fit = before_validate = before_test = _check_plan
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -54,14 +78,27 @@ class HFTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> HFTCLI:
-    """Entry point of ``python -m hft_lightning``."""
-    return HFTCLI(
-        HFTModule,
-        StagedDataModule,
-        trainer_defaults=trainer_defaults(),
-        seed_everything_default=0,
-        args=args,
-        run=run,
-    )
+    """Entry point of ``python -m hft_lightning``.
+
+    A :class:`~hft_lightning.errors.ConfigError` anywhere in the run (the configuration, the data, the plan)
+    is printed as one line on stderr and exits with status 2; anything else propagates with its traceback.
+    """
+    try:
+        return HFTCLI(
+            HFTModule,
+            StagedDataModule,
+            trainer_defaults=trainer_defaults(),
+            seed_everything_default=0,
+            save_config_callback=SaveRunConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except Exception as error:
+        config_error = find_config_error(error)
+        if config_error is None:
+            raise
+        print(f"hft_lightning: error: {config_error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 

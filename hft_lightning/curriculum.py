@@ -25,6 +25,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from hft_lightning.errors import ConfigError
+
 
 @dataclass
 class Stage:
@@ -44,29 +46,29 @@ class Stage:
 
 DEFAULT_STAGES = (
     Stage(name="math", steps=400, mixture={"math": 1.0}),
-    Stage(name="code", steps=400, mixture={"code": 1.0}),
-    Stage(name="general", steps=400, mixture={"general": 1.0}),
+    Stage(name="code", steps=300, mixture={"code": 1.0}),
+    Stage(name="general", steps=300, mixture={"general": 1.0}),
     Stage(name="unified", steps=300, mixture={"math": 1.0, "code": 1.0, "general": 1.0}),
 )
 
 
 def _validate_stages(stages: Sequence[Stage]) -> None:
     if not stages:
-        raise ValueError("Curriculum.stages: the stage plan is empty; give at least one stage")
+        raise ConfigError("Curriculum.stages: the stage plan is empty; give at least one stage")
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
-        raise ValueError(f"Curriculum.stages: stage names must be unique, got {names}")
+        raise ConfigError(f"Curriculum.stages: stage names must be unique, got {names}")
     for i, stage in enumerate(stages):
         field = f"Curriculum.stages[{i}] ({stage.name!r})"
         if stage.steps <= 0:
-            raise ValueError(f"{field}.steps must be a positive number of optimizer steps, got {stage.steps}")
+            raise ConfigError(f"{field}.steps must be a positive number of optimizer steps, got {stage.steps}")
         if not stage.mixture:
-            raise ValueError(f"{field}.mixture is empty; give ability -> weight, e.g. {{math: 1.0}}")
+            raise ConfigError(f"{field}.mixture is empty; give ability -> weight, e.g. {{math: 1.0}}")
         for ability, weight in stage.mixture.items():
             if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"{field}.mixture[{ability!r}] must be a finite weight >= 0, got {weight}")
+                raise ConfigError(f"{field}.mixture[{ability!r}] must be a finite weight >= 0, got {weight}")
         if sum(stage.mixture.values()) <= 0:
-            raise ValueError(f"{field}.mixture weights are all zero; at least one must be positive")
+            raise ConfigError(f"{field}.mixture weights are all zero; at least one must be positive")
 
 
 class Curriculum(Callback):
@@ -98,11 +100,11 @@ class Curriculum(Callback):
         """The trainer's curriculum callback.
 
         Raises:
-            ValueError: If the trainer has none or more than one.
+            ConfigError: If the trainer has none or more than one.
         """
         found = [c for c in trainer.callbacks if isinstance(c, Curriculum)]
         if len(found) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.callbacks must contain exactly one hft_lightning.Curriculum, found {len(found)}; "
                 "add one (class_path: hft_lightning.Curriculum) to trainer.callbacks"
             )
@@ -132,12 +134,12 @@ class Curriculum(Callback):
         """Checks that every stage names only declared abilities.
 
         Raises:
-            ValueError: Naming the stage, the unknown ability and the declared ones.
+            ConfigError: Naming the stage, the unknown ability and the declared ones.
         """
         for i, stage in enumerate(self.stages):
             unknown = sorted(set(stage.mixture) - set(abilities))
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"Curriculum.stages[{i}] ({stage.name!r}).mixture names undeclared abilities {unknown}; "
                     f"declared in data.abilities: {list(abilities)}"
                 )
@@ -148,7 +150,7 @@ class Curriculum(Callback):
         if stage != "fit":
             return
         if trainer.max_steps != -1:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.max_steps={trainer.max_steps} conflicts with the curriculum, which sets the length of "
                 "training through Curriculum.stages[*].steps; leave trainer.max_steps unset"
             )
@@ -195,7 +197,7 @@ class Curriculum(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["stages"] != self.plan():
-            raise ValueError(
+            raise ConfigError(
                 "Curriculum.stages differ from the checkpoint's plan; resume with the same stages.\n"
                 f"checkpoint: {state_dict['stages']}\nconfig:     {self.plan()}"
             )

@@ -25,6 +25,7 @@ from hft_lightning.curriculum import Curriculum
 from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from hft_lightning.report import write_report
+from hft_lightning.schedule import StageSchedule
 
 
 class HFTModule(pl.LightningModule):
@@ -39,7 +40,9 @@ class HFTModule(pl.LightningModule):
         max_position_embeddings: Longest sequence the model handles.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: Linear warm-up steps at the start of training; constant afterwards.
+        warmup_steps: Linear warm-up steps at the start of every stage, followed by a cosine decay
+            (:class:`~hft_lightning.schedule.StageSchedule`).
+        min_lr_ratio: Learning rate at the end of every stage, as a fraction of the peak (1.0: constant).
         max_new_tokens: Generation budget per validation response.
 
     Example::
@@ -56,9 +59,10 @@ class HFTModule(pl.LightningModule):
         num_heads: int = 4,
         intermediate_size: int = 512,
         max_position_embeddings: int = 256,
-        learning_rate: float = 2e-3,
+        learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
         max_new_tokens: int = 48,
     ):
         super().__init__()
@@ -204,6 +208,7 @@ class HFTModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
-        warmup = max(self.hparams.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        stage_steps = [stage.steps for stage in Curriculum.of(self.trainer).stages]
+        schedule = StageSchedule(stage_steps, self.hparams.warmup_steps, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

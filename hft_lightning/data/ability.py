@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hft_lightning.data.example import Example
+from hft_lightning.errors import ConfigError
 
 Scorer = Callable[[Sequence[str], Sequence[Example]], list[bool]]
 """Judges a batch of generations: ``scorer(predictions, examples)[i]`` is True when prediction i is correct."""
@@ -60,7 +61,7 @@ def split_generated(
         prompts are unique.
 
     Raises:
-        ValueError: If the generator cannot produce enough distinct validation prompts.
+        ConfigError: If the generator cannot produce enough distinct validation prompts.
     """
     rng = random.Random(seed)
     train: list[Example] = []
@@ -77,7 +78,7 @@ def split_generated(
                 val.append(example)
         elif len(train) < num_train:
             train.append(example)
-    raise ValueError(
+    raise ConfigError(
         f"could not draw {num_train} train and {num_val} distinct validation examples "
         f"(got {len(train)} and {len(val)}): the prompt space is too small for num_val={num_val}"
     )

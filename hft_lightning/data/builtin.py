@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hft_lightning.data import builtin_code, builtin_general, builtin_math
 from hft_lightning.data.ability import Ability, Generator, Scorer, split_generated
+from hft_lightning.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_ABILITIES: dict[str, tuple[Generator, Scorer]] = {
@@ -29,12 +30,12 @@ def load_ability(source: str, num_train: int, num_val: int, seed: int) -> Abilit
         The ability, named after ``<name>``.
 
     Raises:
-        ValueError: If the source is not a known built-in ability.
+        ConfigError: If the source is not a known built-in ability.
     """
     name = source.removeprefix(BUILTIN_PREFIX)
     if not source.startswith(BUILTIN_PREFIX) or name not in BUILTIN_ABILITIES:
         allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_ABILITIES)
-        raise ValueError(f"data.abilities: unknown ability source {source!r}; allowed: {allowed}")
+        raise ConfigError(f"data.abilities: unknown ability source {source!r}; allowed: {allowed}")
     generate, scorer = BUILTIN_ABILITIES[name]
     ability_seed = seed * 1000 + sorted(BUILTIN_ABILITIES).index(name)
     train, val = split_generated(generate, num_train, num_val, ability_seed)

@@ -1,6 +1,6 @@
 """``builtin:math``: arithmetic word problems answered with one worked line and a final answer line.
 
-Problems use single-digit operands (addition, subtraction with a non-negative result, multiplication),
+Problems use small operands (addition, subtraction with a non-negative result, multiplication),
 wrapped in a few story templates. The response shows the computation, then ``Answer: <n>``; a generation
 is correct when the integer on its last ``Answer:`` line equals the reference (exact match, GSM8K style).
 """
@@ -32,6 +32,10 @@ _TEMPLATES = {
     ),
 }
 
+MAX_OPERAND = 5
+"""Operands are drawn from 1..MAX_OPERAND: about 75 arithmetic facts, which a few-million-parameter model
+memorises within one stage (with 1..9, 240 facts, it reached 0.5 exact match after 800 steps)."""
+
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 
@@ -45,9 +49,9 @@ def generate(rng: random.Random) -> Example:
         An example whose reference is ``{"answer": <int>}``.
     """
     op = rng.choice(tuple(_TEMPLATES))
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     if op == "-":
-        a = a + b  # keep the result non-negative: a in [b + 1, b + 9]
+        a = a + b  # a non-negative result: a in [b + 1, b + MAX_OPERAND]
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     template = rng.choice(_TEMPLATES[op])
     prompt = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)

@@ -18,6 +18,7 @@ from hft_lightning.data.builtin import load_ability
 from hft_lightning.data.sampler import StageBatchSampler
 from hft_lightning.data.sft import SFTCollator, SFTDataset
 from hft_lightning.data.tokenizer import build_tokenizer
+from hft_lightning.errors import ConfigError
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
 
@@ -55,13 +56,13 @@ class StagedDataModule(pl.LightningDataModule):
         for name, value in {"num_train": num_train, "num_val": num_val, "batch_size": batch_size,
                             "val_batch_size": val_batch_size}.items():  # fmt: skip
             if value <= 0:
-                raise ValueError(f"data.{name} must be positive, got {value}")
+                raise ConfigError(f"data.{name} must be positive, got {value}")
         if not abilities:
-            raise ValueError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
+            raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
         self.abilities: list[Ability] = [load_ability(source, num_train, num_val, seed) for source in abilities]
         names = self.ability_names
         if len(set(names)) != len(names):
-            raise ValueError(f"data.abilities: ability names must be unique, got {names}")
+            raise ConfigError(f"data.abilities: ability names must be unique, got {names}")
         texts = [text for a in self.abilities for e in (*a.train, *a.val) for text in (e.prompt, e.response)]
         self.tokenizer = build_tokenizer(texts, vocab_size)
         self.batch_size = batch_size

@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hft_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+TINY_FLAGS = [
+    "--model.hidden_size=32", "--model.num_layers=1", "--model.num_heads=2", "--model.intermediate_size=64",
+    "--model.max_new_tokens=12", "--data.num_train=64", "--data.num_val=4", "--data.batch_size=4",
+    "--data.val_batch_size=4", "--data.vocab_size=400",
+]  # fmt: skip
+TINY_PLAN = """
+trainer:
+  callbacks:
+    - class_path: hft_lightning.Curriculum
+      init_args:
+        stages:
+          - {name: math, steps: 2, mixture: {math: 1.0}}
+          - {name: unified, steps: 2, mixture: {math: 1.0, code: 1.0, general: 1.0}}
+    - class_path: hft_lightning.StageProgressBar
+"""
+
+
+def _config(cli) -> dict:
+    config = cli.config.as_dict()
+    config.pop("config", None)
+    return config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses_and_starts_with_its_command(path):
+    command = f"# python -m hft_lightning fit --config configs/{path.relative_to(ROOT / 'configs')}"
+    assert path.read_text().startswith(command)
+    cli = main(["--config", str(path)], run=False)
+    assert cli.trainer is not None and cli.model is not None
+
+
+def test_default_config_is_the_embedded_default():
+    from_file = main(["--config", str(ROOT / "configs" / "default.yaml")], run=False)
+    assert _config(from_file) == _config(main([], run=False))
+
+
+def test_print_config_documents_the_plan(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: hft_lightning.Curriculum" in printed
+    assert "mixture:" in printed and "builtin:math" in printed
+
+
+def _stages(*stages: str) -> str:
+    lines = "\n".join(f"          - {s}" for s in stages) if stages else "          []"
+    return f"""
+trainer:
+  callbacks:
+    - class_path: hft_lightning.Curriculum
+      init_args:
+        stages:
+{lines}
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("data:\n  abilities: [builtin:math, builtin:poetry]\n", "unknown ability source 'builtin:poetry'; allowed"),
+        ("data:\n  abilities: []\n", "data.abilities is empty"),
+        (_stages(), "the stage plan is empty"),
+        (_stages("{name: m, steps: 0, mixture: {math: 1.0}}"), r"stages\[0\] \('m'\).steps must be a positive"),
+        (_stages("{name: m, steps: 5, mixture: {math: -1.0}}"), r"mixture\['math'\] must be a finite weight >= 0"),
+        (_stages("{name: m, steps: 5, mixture: {math: 0.0}}"), "weights are all zero"),
+        (_stages("{name: m, steps: 5, mixture: {poetry: 1.0}}"), r"undeclared abilities \['poetry'\]; declared"),
+    ],
+)
+def test_config_mistakes_exit_with_one_clear_line_before_training(tmp_path, capsys, config, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}", *TINY_FLAGS])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("hft_lightning: error: ")
+    assert __import__("re").search(message, error), error
+    assert not (tmp_path / "report").exists()
+
+
+def _run(args, cwd, **env):
+    environment = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "hft_lightning", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_fit_then_test_from_the_command_line_with_wandb_offline(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(TINY_PLAN)
+    root = tmp_path / "run"
+    common = [f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *TINY_FLAGS]
+    fit = _run(["fit", "--config", str(plan), *common], tmp_path, WANDB_MODE="offline")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "Stage 2/2 unified" in fit.stdout + fit.stderr
+    metrics = json.loads((root / "report" / "metrics.json").read_text())
+    assert metrics["stages"] == ["math", "unified"] and len(metrics["accuracy_matrix"]) == 2
+    assert list((root / "wandb").glob("offline-run-*"))
+    checkpoint = next(root.rglob("*.ckpt"))
+    test = _run(["test", "--config", str(plan), *common, f"--ckpt_path={checkpoint}"], tmp_path, WANDB_MODE="disabled")
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/math/score" in test.stdout
+    assert (root / "config.yaml").exists() and (root / "config_test.yaml").exists()
+
+
+def test_the_default_logger_is_wandb_offline_or_csv_without_wandb(monkeypatch):
+    from hft_lightning import cli
+
+    assert cli.default_logger()["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+    assert cli.default_logger()["init_args"]["offline"] is True
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    assert cli.default_logger()["class_path"] == "lightning.pytorch.loggers.CSVLogger"
