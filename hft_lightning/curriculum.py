@@ -45,11 +45,15 @@ class Stage:
 
 
 DEFAULT_STAGES = (
-    Stage(name="math", steps=400, mixture={"math": 1.0}),
+    Stage(name="foundation", steps=300, mixture={"math": 1.0, "code": 1.0, "general": 1.0}),
+    Stage(name="math", steps=300, mixture={"math": 1.0}),
     Stage(name="code", steps=300, mixture={"code": 1.0}),
     Stage(name="general", steps=300, mixture={"general": 1.0}),
     Stage(name="unified", steps=300, mixture={"math": 1.0, "code": 1.0, "general": 1.0}),
 )
+"""The embedded default plan. The tiny default model starts from random weights, where real SFT starts from a
+pretrained model: the short mixed ``foundation`` stage stands in for that pretraining. Without it, a model
+trained from scratch on one narrow ability barely learns the next ones (benchmarks/LOG.md, 2026-11-25)."""
 
 
 def _validate_stages(stages: Sequence[Stage]) -> None:
@@ -75,8 +79,9 @@ class Curriculum(Callback):
     """Runs a plan of stages, one ability (or mixture) each, inside one ``trainer.fit``.
 
     Args:
-        stages: The plan, in training order. Defaults to one stage per built-in ability (math, code, general)
-            followed by a unified stage on an equal mixture of all three.
+        stages: The plan, in training order. Defaults to :data:`DEFAULT_STAGES`: a short foundation stage on an
+            equal mixture of the built-in abilities, one stage per ability (math, code, general), then a unified
+            stage on the mixture.
 
     Example::
 

@@ -40,9 +40,8 @@ class HFTModule(pl.LightningModule):
         max_position_embeddings: Longest sequence the model handles.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: Linear warm-up steps at the start of every stage, followed by a cosine decay
+        warmup_steps: Linear warm-up steps at the start of every stage, constant afterwards
             (:class:`~hft_lightning.schedule.StageSchedule`).
-        min_lr_ratio: Learning rate at the end of every stage, as a fraction of the peak (1.0: constant).
         max_new_tokens: Generation budget per validation response.
 
     Example::
@@ -62,7 +61,6 @@ class HFTModule(pl.LightningModule):
         learning_rate: float = 3e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
-        min_lr_ratio: float = 0.1,
         max_new_tokens: int = 48,
     ):
         super().__init__()
@@ -209,6 +207,6 @@ class HFTModule(pl.LightningModule):
             self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
         stage_steps = [stage.steps for stage in Curriculum.of(self.trainer).stages]
-        schedule = StageSchedule(stage_steps, self.hparams.warmup_steps, self.hparams.min_lr_ratio)
+        schedule = StageSchedule(stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

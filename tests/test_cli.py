@@ -28,9 +28,10 @@ trainer:
 
 
 def _config(cli) -> dict:
+    """The parsed values, with containers normalised (a tuple default equals the YAML's list)."""
     config = cli.config.as_dict()
     config.pop("config", None)
-    return config
+    return json.loads(json.dumps(config, default=str))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,0 +1,27 @@
+"""The embedded default run, end to end: the claims the README makes about it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_default_fit_learns_every_ability_in_its_stage_and_forgets_without_retention(tmp_path):
+    environment = {**os.environ, "WANDB_MODE": "disabled"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "hft_lightning", "fit", f"--trainer.default_root_dir={tmp_path}"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    stages, abilities, matrix = report["stages"], report["abilities"], report["accuracy_matrix"]
+    assert stages == ["foundation", "math", "code", "general", "unified"]
+    for ability in abilities:  # each ability is really learned at the end of its own stage
+        assert matrix[stages.index(ability)][abilities.index(ability)] >= 0.7, (ability, matrix)
+    math = abilities.index("math")
+    assert matrix[stages.index("math")][math] - matrix[stages.index("code")][math] >= 0.5  # sequential SFT forgets
+    assert report["forgetting"]["math"] > 0.2
+    assert all(0 <= v <= 1 for row in matrix for v in row)
