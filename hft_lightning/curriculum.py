@@ -75,6 +75,35 @@ def _validate_stages(stages: Sequence[Stage]) -> None:
             raise ConfigError(f"{field}.mixture weights are all zero; at least one must be positive")
 
 
+def _check_trainer(trainer: pl.Trainer) -> None:
+    """Refuses trainer settings under which a stage would not run exactly its planned steps."""
+    if trainer.world_size > 1:
+        raise ConfigError(
+            f"the curriculum runs on one process for now (trainer.world_size={trainer.world_size}): its stage "
+            "sampler does not shard batches across ranks yet; use trainer.devices=1"
+        )
+    if trainer.max_steps != -1:
+        raise ConfigError(
+            f"trainer.max_steps={trainer.max_steps} conflicts with the curriculum, which sets the length of "
+            "training through Curriculum.stages[*].steps; leave trainer.max_steps unset"
+        )
+    for flag, value, default in [
+        ("limit_train_batches", trainer.limit_train_batches, 1.0),
+        ("overfit_batches", trainer.overfit_batches, 0),
+        ("fast_dev_run", trainer.fast_dev_run, False),
+    ]:
+        if value != default:
+            raise ConfigError(
+                f"trainer.{flag}={value} would cut stages short of their planned steps; shorten "
+                "Curriculum.stages[*].steps instead"
+            )
+    if trainer.limit_val_batches == 0 or trainer.check_val_every_n_epoch not in (1, None):
+        raise ConfigError(
+            "the accuracy matrix needs an evaluation after every stage: keep trainer.check_val_every_n_epoch=1 "
+            f"and trainer.limit_val_batches > 0 (got {trainer.check_val_every_n_epoch} and {trainer.limit_val_batches})"
+        )
+
+
 class Curriculum(Callback):
     """Runs a plan of stages, one ability (or mixture) each, inside one ``trainer.fit``.
 
@@ -154,11 +183,7 @@ class Curriculum(Callback):
         self._trainer = trainer
         if stage != "fit":
             return
-        if trainer.max_steps != -1:
-            raise ConfigError(
-                f"trainer.max_steps={trainer.max_steps} conflicts with the curriculum, which sets the length of "
-                "training through Curriculum.stages[*].steps; leave trainer.max_steps unset"
-            )
+        _check_trainer(trainer)
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ability_names"):
             self.check_abilities(datamodule.ability_names)
@@ -178,17 +203,24 @@ class Curriculum(Callback):
         # Boundaries are caught up here rather than in on_train_epoch_start, which Lightning skips for the epoch
         # a run resumes in (and a resume can land between a stage's last batch and its end hook).
         index = self.stage_index
-        while self.ended < index - 1:
-            self.ended += 1
-            self._announce(trainer, pl_module, "on_stage_end", self.ended)
+        self._end_stages_up_to(trainer, pl_module, index - 1)
         if self.started < index:
             self.started = index
             self._announce(trainer, pl_module, "on_stage_start", index)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ended < self.stage_index:
-            self.ended = self.stage_index
+        self._end_stages_up_to(trainer, pl_module, self.stage_index)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed from the last batch of the last stage runs no batch and no epoch end.
+        if trainer.global_step >= self.steps_before(len(self.stages)):
+            self._end_stages_up_to(trainer, pl_module, len(self.stages) - 1)
+
+    def _end_stages_up_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        while self.ended < index:
+            self.ended += 1
             self._announce(trainer, pl_module, "on_stage_end", self.ended)
 
     def plan(self) -> list[dict[str, Any]]:

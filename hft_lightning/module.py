@@ -11,6 +11,7 @@ skips on such a restart. At the end of ``fit`` the report is written to ``<defau
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from typing_extensions import override
 
 from hft_lightning.curriculum import Curriculum
+from hft_lightning.errors import ConfigError
 from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from hft_lightning.report import write_report
@@ -64,6 +66,16 @@ class HFTModule(pl.LightningModule):
         max_new_tokens: int = 48,
     ):
         super().__init__()
+        if hidden_size % num_heads:
+            raise ConfigError(f"model.hidden_size={hidden_size} must be divisible by model.num_heads={num_heads}")
+        for name, value in {"num_layers": num_layers, "intermediate_size": intermediate_size,
+                            "learning_rate": learning_rate, "max_new_tokens": max_new_tokens}.items():  # fmt: skip
+            if value <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {value}")
+        if warmup_steps < 0 or weight_decay < 0:
+            raise ConfigError(
+                f"model.warmup_steps and model.weight_decay must be >= 0, got {warmup_steps} and {weight_decay}"
+            )
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         config = LlamaConfig(
@@ -171,7 +183,7 @@ class HFTModule(pl.LightningModule):
             return
         self.model.eval()
         for dataloader_idx, loader in enumerate(self.trainer.val_dataloaders):
-            for batch in loader:
+            for batch in itertools.islice(loader, self.trainer.num_val_batches[dataloader_idx]):
                 self._score_batch(self.transfer_batch_to_device(batch, self.device, dataloader_idx), dataloader_idx)
         self.model.train()
         scores = self._compute_scores()

@@ -15,6 +15,14 @@ class StageProgressBar(TQDMProgressBar):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
+        self._describe(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._describe(trainer)  # Lightning skips on_train_epoch_start in the epoch a run resumes in
+
+    def _describe(self, trainer: pl.Trainer) -> None:
         curriculum = Curriculum.of(trainer)
         self.train_progress_bar.set_description(
             f"Stage {curriculum.stage_index + 1}/{len(curriculum.stages)} {curriculum.current_stage.name}"

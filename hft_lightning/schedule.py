@@ -16,7 +16,9 @@ from collections.abc import Sequence
 class StageSchedule:
     """Multiplier of the peak learning rate at each optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``.
 
-    A callable object rather than a closure, so that ``LambdaLR.state_dict`` saves it with the checkpoint.
+    A callable object rather than a closure, so that ``LambdaLR.state_dict`` saves it with the checkpoint. A resume
+    therefore continues with the checkpoint's stage boundaries and warm-up, whatever the resumed config says
+    (the curriculum refuses a changed plan).
 
     Args:
         stage_steps: Optimizer steps of each stage, in order.

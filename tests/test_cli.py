@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,7 @@ trainer:
         (_stages("{name: m, steps: 5, mixture: {math: -1.0}}"), r"mixture\['math'\] must be a finite weight >= 0"),
         (_stages("{name: m, steps: 5, mixture: {math: 0.0}}"), "weights are all zero"),
         (_stages("{name: m, steps: 5, mixture: {poetry: 1.0}}"), r"undeclared abilities \['poetry'\]; declared"),
+        ("model:\n  warmup_steps: -1\n", r"model\.warmup_steps and model\.weight_decay must be >= 0"),
     ],
 )
 def test_config_mistakes_exit_with_one_clear_line_before_training(tmp_path, capsys, config, message):
@@ -88,8 +90,8 @@ def test_config_mistakes_exit_with_one_clear_line_before_training(tmp_path, caps
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("hft_lightning: error: ")
-    assert __import__("re").search(message, error), error
-    assert not (tmp_path / "report").exists()
+    assert re.search(message, error), error
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "wandb").exists()
 
 
 def _run(args, cwd, **env):

@@ -6,6 +6,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import Curriculum, Stage
+from hft_lightning.errors import ConfigError
 from tests.helpers import make_trainer, tiny_module
 
 STAGES = [
@@ -47,20 +48,20 @@ class Recorder(Callback):
     ],
 )
 def test_bad_plans_are_rejected_naming_the_field(stages, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         Curriculum(stages)
 
 
 def test_undeclared_ability_is_rejected_before_training(tiny_data, tmp_path):
     curriculum = Curriculum([Stage("poetry", 1, {"poetry": 1.0})])
     trainer = make_trainer(tmp_path, [curriculum])
-    with pytest.raises(ValueError, match=r"undeclared abilities \['poetry'\].*\['math', 'code', 'general'\]"):
+    with pytest.raises(ConfigError, match=r"undeclared abilities \['poetry'\].*\['math', 'code', 'general'\]"):
         trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
     assert trainer.global_step == 0
 
 
 def test_a_curriculum_is_required(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match=r"exactly one hft_lightning\.Curriculum"):
+    with pytest.raises(ConfigError, match=r"exactly one hft_lightning\.Curriculum"):
         make_trainer(tmp_path, []).fit(tiny_module(tiny_data), datamodule=tiny_data)
 
 
@@ -98,8 +99,8 @@ def _fit(data, root, ckpt_path=None, checkpoint=None):
     return module, trainer, recorder
 
 
-# mid-stage; on the last batch of a stage (before its validation); mid next stage
-@pytest.mark.parametrize(("resume_step", "events_left"), [(2, 5), (3, 5), (4, 3)])
+# mid-stage; on the last batch of a stage (before its validation); mid next stage; the very last batch
+@pytest.mark.parametrize(("resume_step", "events_left"), [(2, 5), (3, 5), (4, 3), (8, 1)])
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, resume_step, events_left):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
     uninterrupted, _, full = _fit(tiny_data, tmp_path / "a", checkpoint=checkpoint)
@@ -116,5 +117,21 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, resume_step, events_le
 
 def test_resuming_with_another_plan_is_an_error():
     curriculum = Curriculum(STAGES)
-    with pytest.raises(ValueError, match="differ from the checkpoint's plan"):
+    with pytest.raises(ConfigError, match="differ from the checkpoint's plan"):
         curriculum.load_state_dict({**Curriculum(STAGES[:2]).state_dict()})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_steps": 5}, r"trainer\.max_steps=5 conflicts"),
+        ({"limit_train_batches": 2}, r"trainer\.limit_train_batches=2 would cut stages short"),
+        ({"limit_val_batches": 0}, "needs an evaluation after every stage"),
+        ({"check_val_every_n_epoch": 2}, "needs an evaluation after every stage"),
+    ],
+)
+def test_trainer_settings_that_break_the_plan_are_refused(tiny_data, tmp_path, overrides, message):
+    trainer = make_trainer(tmp_path, [Curriculum(STAGES)], **overrides)
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
+    assert trainer.global_step == 0

@@ -45,11 +45,12 @@ def _in_validation_bucket(prompt: str, val_fraction: float) -> bool:
 
 
 def split_generated(
-    generate: Generator, num_train: int, num_val: int, seed: int, val_fraction: float = 0.2
+    name: str, generate: Generator, num_train: int, num_val: int, seed: int, val_fraction: float = 0.2
 ) -> tuple[list[Example], list[Example]]:
     """Draws examples until both splits are full, routing each distinct prompt to exactly one split.
 
     Args:
+        name: The ability's name, for error messages.
         generate: Draws one example from a ``random.Random``.
         num_train: Number of training examples to return.
         num_val: Number of validation examples to return.
@@ -79,6 +80,6 @@ def split_generated(
         elif len(train) < num_train:
             train.append(example)
     raise ConfigError(
-        f"could not draw {num_train} train and {num_val} distinct validation examples "
-        f"(got {len(train)} and {len(val)}): the prompt space is too small for num_val={num_val}"
+        f"data.num_val={num_val}: ability {name!r} could not draw {num_train} train and {num_val} distinct "
+        f"validation examples (got {len(train)} and {len(val)}); its prompt space is too small, lower data.num_val"
     )

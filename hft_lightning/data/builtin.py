@@ -24,7 +24,8 @@ def load_ability(source: str, num_train: int, num_val: int, seed: int) -> Abilit
         source: ``builtin:<name>`` with ``<name>`` one of :data:`BUILTIN_ABILITIES`.
         num_train: Number of training examples.
         num_val: Number of validation examples.
-        seed: Generation seed; each ability mixes its own name into it, so abilities draw independently.
+        seed: Generation seed; each ability offsets it by its index among the built-in names, so abilities draw
+            independently.
 
     Returns:
         The ability, named after ``<name>``.
@@ -38,5 +39,5 @@ def load_ability(source: str, num_train: int, num_val: int, seed: int) -> Abilit
         raise ConfigError(f"data.abilities: unknown ability source {source!r}; allowed: {allowed}")
     generate, scorer = BUILTIN_ABILITIES[name]
     ability_seed = seed * 1000 + sorted(BUILTIN_ABILITIES).index(name)
-    train, val = split_generated(generate, num_train, num_val, ability_seed)
+    train, val = split_generated(name, generate, num_train, num_val, ability_seed)
     return Ability(name=name, train=train, val=val, scorer=scorer)

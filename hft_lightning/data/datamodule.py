@@ -21,6 +21,7 @@ from hft_lightning.data.tokenizer import build_tokenizer
 from hft_lightning.errors import ConfigError
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
+MIN_VOCAB_SIZE = 261
 
 
 class StagedDataModule(pl.LightningDataModule):
@@ -57,6 +58,10 @@ class StagedDataModule(pl.LightningDataModule):
                             "val_batch_size": val_batch_size}.items():  # fmt: skip
             if value <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {value}")
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError(
+                f"data.vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes and 5 special tokens), got {vocab_size}"
+            )
         if not abilities:
             raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
         self.abilities: list[Ability] = [load_ability(source, num_train, num_val, seed) for source in abilities]
@@ -79,7 +84,6 @@ class StagedDataModule(pl.LightningDataModule):
         """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
         trainer = self.trainer
         curriculum = Curriculum.of(trainer)
-        curriculum.check_abilities(self.ability_names)
         index = curriculum.stage_index
         stage = curriculum.stages[index]
         accumulate = trainer.accumulate_grad_batches

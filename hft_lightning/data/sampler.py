@@ -43,9 +43,13 @@ class StageBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.seed = seed
+        if not 0 <= start_batch <= num_batches:
+            raise ValueError(f"start_batch={start_batch} is outside the stage's {num_batches} batches")
         self.start_batch = start_batch
 
     def __len__(self) -> int:
+        # The whole stage, also when resuming at start_batch: Lightning continues batch_idx from its restored
+        # progress and ends the epoch when the iterator is exhausted, so a shorter length would end it early.
         return self.num_batches
 
     def batch(self, index: int) -> list[int]:

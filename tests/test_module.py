@@ -1,0 +1,29 @@
+import pytest
+
+from hft_lightning import HFTModule
+from hft_lightning.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden_size": 32, "num_heads": 3}, r"model\.hidden_size=32 must be divisible by model\.num_heads=3"),
+        ({"num_layers": 0}, r"model\.num_layers must be positive"),
+        ({"max_new_tokens": 0}, r"model\.max_new_tokens must be positive"),
+        ({"warmup_steps": -1}, r"model\.warmup_steps and model\.weight_decay must be >= 0"),
+    ],
+)
+def test_bad_model_arguments_name_the_field(tiny_data, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        HFTModule(tiny_data.tokenizer, **overrides)
+
+
+def test_greedy_generation_returns_one_decoded_response_per_prompt(tiny_data):
+    from hft_lightning.data.sft import SFTCollator, SFTDataset
+
+    module = HFTModule(tiny_data.tokenizer, hidden_size=32, num_layers=1, num_heads=2, max_new_tokens=5)
+    dataset = SFTDataset(tiny_data.abilities[0].val[:3], tiny_data.tokenizer, with_prompt=True)
+    batch = SFTCollator(tiny_data.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    responses = module.generate(batch["prompt_ids"], batch["prompt_attention_mask"])
+    assert len(responses) == 3 and all(isinstance(r, str) for r in responses)
+    assert all(tiny_data.tokenizer.eos_token not in r for r in responses)
