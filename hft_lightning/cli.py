@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from hft_lightning.curriculum import DEFAULT_STAGES, Curriculum
@@ -56,7 +57,7 @@ class SaveRunConfig(SaveConfigCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
-            self.config_filename = f"config_{stage}.yaml"
+            self.config_filename = f"config_{TrainerFn(stage).value}.yaml"  # the enum's str() differs across Pythons
         super().setup(trainer, pl_module, stage)
 
 
