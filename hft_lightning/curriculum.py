@@ -156,6 +156,10 @@ class Curriculum(Callback):
         """The stage being trained."""
         return self.stages[self.stage_index]
 
+    def index(self, stage: Stage) -> int:
+        """Position of ``stage`` in the plan (stages are identified by their unique names)."""
+        return [s.name for s in self.stages].index(stage.name)
+
     def steps_before(self, index: int) -> int:
         """Optimizer steps of all stages before stage ``index``."""
         return sum(s.steps for s in self.stages[:index])

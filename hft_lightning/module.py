@@ -111,11 +111,16 @@ class HFTModule(pl.LightningModule):
         learned_at = [curriculum.learned_at(name) for name in self.ability_names]
         self.accuracy_matrix = AccuracyMatrix(self.ability_names, len(curriculum.stages), learned_at)
 
+    def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects)."""
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+        return self.model(**inputs).loss
+
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        self.log("train/loss", loss.loss, prog_bar=True)
-        return loss.loss
+        loss = self.sft_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[str]:
@@ -129,8 +134,8 @@ class HFTModule(pl.LightningModule):
 
     def _evaluation_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         name = self.ability_names[dataloader_idx]
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        self.log(f"{split}/{name}/loss", loss.loss, add_dataloader_idx=False, batch_size=len(batch["examples"]))
+        loss = self.sft_loss(batch)
+        self.log(f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=len(batch["examples"]))
         self._score_batch(batch, dataloader_idx)
 
     @override

@@ -7,16 +7,19 @@ ability, one dataloader per ability in declaration order, whatever stage is trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import itertools
+from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.ability import Ability
 from hft_lightning.data.builtin import load_ability
 from hft_lightning.data.sampler import StageBatchSampler
-from hft_lightning.data.sft import SFTCollator, SFTDataset
+from hft_lightning.data.sft import SFTCollator, SFTDataset, encode_example
 from hft_lightning.data.tokenizer import build_tokenizer
 from hft_lightning.errors import ConfigError
 
@@ -80,23 +83,44 @@ class StagedDataModule(pl.LightningDataModule):
         """Names of the abilities, in declaration order (the order of the validation dataloaders)."""
         return [a.name for a in self.abilities]
 
-    def train_dataloader(self) -> DataLoader:
-        """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
-        trainer = self.trainer
-        curriculum = Curriculum.of(trainer)
-        index = curriculum.stage_index
+    def stage_sampler(self, index: int, start_batch: int = 0) -> StageBatchSampler:
+        """The deterministic batch order of stage ``index``, starting at batch ``start_batch``."""
+        curriculum = Curriculum.of(self.trainer)
         stage = curriculum.stages[index]
-        accumulate = trainer.accumulate_grad_batches
-        sampler = StageBatchSampler(
+        return StageBatchSampler(
             dataset_sizes=[len(a.train) for a in self.abilities],
             weights=[stage.mixture.get(name, 0.0) for name in self.ability_names],
             batch_size=self.batch_size,
-            num_batches=stage.steps * accumulate,
+            num_batches=stage.steps * self.trainer.accumulate_grad_batches,
             seed=self.seed * 1000 + index,
-            start_batch=(trainer.global_step - curriculum.steps_before(index)) * accumulate,
+            start_batch=start_batch,
         )
+
+    def stage_stream(self, index: int) -> Iterator[tuple[str, int]]:
+        """Every training example stage ``index`` trains on, in training order, as ``(ability, example index)``.
+
+        This is what the retention methods sample their memories from: a pure function of the plan and the seed,
+        the same on every process and after a resume.
+        """
+        sampler = self.stage_sampler(index)
+        offsets = list(itertools.accumulate((len(a.train) for a in self.abilities), initial=0))
+        for batch in sampler:
+            for flat in batch:
+                ability = bisect.bisect_right(offsets, flat) - 1
+                yield self.ability_names[ability], flat - offsets[ability]
+
+    def collate(self, examples: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        """A training batch (CPU tensors) of the given ``(ability, example index)`` training examples."""
+        by_name = {a.name: a for a in self.abilities}
+        return self._collate([encode_example(self.tokenizer, by_name[name].train[i]) for name, i in examples])
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
+        curriculum = Curriculum.of(self.trainer)
+        index = curriculum.stage_index
+        start_batch = (self.trainer.global_step - curriculum.steps_before(index)) * self.trainer.accumulate_grad_batches
         dataset = ConcatDataset([SFTDataset(a.train, self.tokenizer) for a in self.abilities])
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self._collate)
+        return DataLoader(dataset, batch_sampler=self.stage_sampler(index, start_batch), collate_fn=self._collate)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One dataloader per ability, with prompts for generation and examples for scoring."""

@@ -74,6 +74,19 @@ def _pad(sequences: Sequence[torch.Tensor], value: int, left: bool) -> torch.Ten
     return out
 
 
+def concat_batches(batches: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenates right-padded training batches (``input_ids``, ``attention_mask``, ``labels``) along rows.
+
+    Shorter batches are right-padded to the longest one (pad token, mask 0, label ``-100``).
+    """
+    length = max(b["input_ids"].shape[1] for b in batches)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {
+        key: torch.cat([torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=pad) for b in batches])
+        for key, pad in pads.items()
+    }
+
+
 class SFTCollator:
     """Pads a list of :class:`SFTDataset` items into a batch.
 

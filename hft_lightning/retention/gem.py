@@ -1,0 +1,96 @@
+"""Gradient Episodic Memory (Lopez-Paz and Ranzato 2017, "Gradient Episodic Memory for Continual Learning").
+
+GEM keeps a memory of examples of every ability learned so far (reservoir samples of what the finished stages
+trained on, :class:`~hft_lightning.retention.memory.ExampleMemory`). Before each optimizer step it computes one
+reference gradient ``g_k`` per remembered ability (the loss gradient on that ability's memory) and projects the
+training gradient with the fused :func:`kernels.gem_project_`: ``g += G^T v*`` where ``v*`` solves the dual QP
+``min_{v >= 0} 1/2 v^T G G^T v + v^T G g`` on the device, so that afterwards ``<g, g_k> >= 0`` for every
+ability: to first order, no remembered ability's loss increases. When no constraint is violated, g is unchanged.
+
+The paper recomputes the references at every step (``ref_every=1``): k extra forward/backward passes on the
+memory per step. ``ref_every > 1`` reuses them for that many steps, trading exactness for speed (measured in
+``benchmarks/bench_retention_overhead.py``). The references are part of the checkpoint, so a resumed run
+projects exactly as the uninterrupted one. Memory: k fp32 copies of the trainable parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+from typing_extensions import override
+
+from hft_lightning.errors import ConfigError
+from hft_lightning.retention.base import RetentionCallback
+from hft_lightning.retention.gradients import loss_gradient
+from hft_lightning.retention.memory import ExampleMemory
+from kernels import MAX_REFS, gem_project_
+
+
+class GEM(RetentionCallback):
+    """Projects every step's gradient so that it does not increase the loss of any remembered ability.
+
+    Args:
+        memory_size: Examples remembered per ability (> 0); each reference gradient uses all of them.
+        ref_every: Recompute the reference gradients every this many optimizer steps (1 = the paper).
+        batch_size: Examples per forward pass when computing a reference gradient.
+
+    Example::
+
+        trainer = Trainer(callbacks=[Curriculum(), GEM(memory_size=32)])
+    """
+
+    def __init__(self, memory_size: int = 32, ref_every: int = 1, batch_size: int = 32):
+        for name, value in {"memory_size": memory_size, "ref_every": ref_every, "batch_size": batch_size}.items():
+            if value <= 0:
+                raise ConfigError(f"GEM({name}={value}): {name} must be > 0")
+        super().__init__(memory_size=memory_size, ref_every=ref_every)
+        self.ref_every = ref_every
+        self.batch_size = batch_size
+        self.memory = ExampleMemory(memory_size)
+        self.refs: dict[str, dict[str, Any]] = {}
+        self.refs_step = -1
+
+    @override
+    def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
+        self.memory.observe_stage(trainer.datamodule, stage_index)
+        if len(self.memory.abilities) > MAX_REFS:
+            raise ConfigError(
+                f"GEM projects against at most {MAX_REFS} abilities, the memory holds {len(self.memory.abilities)}"
+            )
+        self.refs = {}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self.trainable(pl_module)
+        for ability, ref in self.refs.items():
+            self.match_names(f"GEM reference gradient of {ability!r}", ref, params)
+            self.refs[ability] = {name: t.to(params[name].device) for name, t in ref.items()}
+
+    @override
+    def edit_gradients(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: dict[str, nn.Parameter]
+    ) -> None:
+        if not self.memory.abilities:
+            return
+        if not self.refs or trainer.global_step - self.refs_step >= self.ref_every:
+            theta = list(params.values())
+            self.refs = {}
+            for ability in self.memory.abilities:
+                ref = loss_gradient(trainer, pl_module, theta, self.memory.items(ability), self.batch_size)
+                self.refs[ability] = dict(zip(params, ref, strict=True))
+            self.refs_step = trainer.global_step
+        refs = [[ref[name] for name in params] for ref in self.refs.values()]
+        v = gem_project_([p.grad for p in params.values()], refs)
+        pl_module.log("retention/gem_violated", (v > 0).sum().float())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict(), "refs": self.refs, "refs_step": self.refs_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state_dict["memory"])
+        self.refs = state_dict["refs"]
+        self.refs_step = state_dict["refs_step"]

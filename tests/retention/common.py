@@ -1,0 +1,35 @@
+"""A small staged problem for the retention tests: tiny model, built-in abilities, a quiet CPU trainer."""
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from hft_lightning import Curriculum, Stage
+from tests.helpers import make_trainer, tiny_datamodule, tiny_module
+
+THREE_STAGES = [
+    Stage("math", 4, {"math": 1.0}),
+    Stage("code", 4, {"code": 1.0}),
+    Stage("general", 4, {"general": 1.0}),
+]
+
+
+class GradientProbe(Callback):
+    """Records every trainable gradient (by name) at each optimizer step, where it sits in the callback list."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.steps.append(grads)
+
+
+def fit(root, callbacks, data=None, stages=THREE_STAGES, **trainer_overrides):
+    """Fits the tiny model through ``stages`` with ``callbacks`` after the curriculum; returns module, trainer."""
+    L.seed_everything(0)
+    data = data or tiny_datamodule()
+    module = tiny_module(data)
+    trainer = make_trainer(root, [Curriculum(stages), *callbacks], **trainer_overrides)
+    trainer.fit(module, datamodule=data)
+    return module, trainer
