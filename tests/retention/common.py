@@ -15,14 +15,16 @@ THREE_STAGES = [
 
 
 class GradientProbe(Callback):
-    """Records every trainable gradient (by name) at each optimizer step, where it sits in the callback list."""
+    """Records the gradients and weights (by name) at each optimizer step, where it sits in the callback list."""
 
     def __init__(self):
         self.steps: list[dict[str, torch.Tensor]] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-        self.steps.append(grads)
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        self.steps.append({n: p.grad.detach().clone() for n, p in named})
+        self.weights.append({n: p.detach().clone() for n, p in named})
 
 
 def fit(root, callbacks, data=None, stages=THREE_STAGES, **trainer_overrides):

@@ -33,7 +33,8 @@ def rise_without_retention(tmp_path_factory):
 
 
 # Measured on this problem (seed 0): no retention +0.92; EWC +0.24, online EWC +0.24, GEM +0.70, A-GEM +0.49,
-# Replay -0.38, Replay+EWC +0.04, Replay+GEM -0.20; the bounds leave room for platform noise and fail if a method stops acting.
+# Replay -0.38, Replay+EWC +0.04, Replay+GEM -0.20. The bounds leave room for platform noise and fail if a
+# method stops acting.
 @pytest.mark.parametrize(
     ("make_callbacks", "max_ratio"),
     [
