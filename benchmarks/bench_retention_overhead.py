@@ -1,0 +1,123 @@
+"""Time per optimizer step of each retention method against plain SFT, in the same run, on the embedded default.
+
+A short mixed stage (all abilities) ends with a consolidation, so the timed stage after it protects three
+abilities (GEM's k = 3). Each method trains the same timed stage from the same seed; a step is timed from
+``on_train_batch_start`` (before Replay edits the batch) to ``on_train_batch_end`` (after the optimizer step),
+the median over the stage's steps after two warm-up steps. The script also measures the memory each method
+keeps between steps (the tensors of its ``state_dict``) as a multiple of the trainable parameter bytes.
+Results are printed and appended to ``benchmarks/results/retention_overhead.jsonl`` with the device name.
+
+    python benchmarks/bench_retention_overhead.py                 # every method, 30 timed steps
+    python benchmarks/bench_retention_overhead.py --methods sft ewc --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import device_name
+from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
+from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay
+
+RESULTS = Path(__file__).resolve().parent / "results" / "retention_overhead.jsonl"
+METHODS: dict[str, Callable[[], list[Callback]]] = {
+    "sft": lambda: [],
+    "ewc": lambda: [EWC()],
+    "online_ewc": lambda: [OnlineEWC()],
+    "gem": lambda: [GEM()],
+    "gem_ref_every_10": lambda: [GEM(ref_every=10)],
+    "agem": lambda: [AGEM()],
+    "replay": lambda: [Replay()],
+    "replay+ewc": lambda: [Replay(), EWC()],
+}
+
+
+class StepTimer(Callback):
+    """Wall time of every training batch of the last stage, from batch start to the end of its optimizer step."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: D102
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+        if trainer.current_epoch == 1:
+            self.seconds.append(time.perf_counter() - self._start)
+
+
+def _state_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def measure(name: str, data: StagedDataModule, steps: int, device: str) -> dict:
+    """Trains the warm-up and the timed stage with method ``name``; returns its timing and memory row."""
+    L.seed_everything(0)
+    module = HFTModule(data.tokenizer)
+    methods = METHODS[name]()
+    timer = StepTimer()
+    stages = [Stage("warmup", 5, {a: 1.0 for a in data.ability_names}), Stage("timed", steps + 2, {"math": 1.0})]
+    trainer = L.Trainer(
+        accelerator=device, devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+        default_root_dir=f"/tmp/bench_retention/{name}", callbacks=[timer, Curriculum(stages), *methods],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return {
+        "method": name,
+        "device": device_name(module.device),
+        "date": datetime.date.today().isoformat(),
+        "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "step_ms": 1000 * statistics.median(timer.seconds[2:]),
+        "state_bytes_over_params": sum(_state_bytes(m.state_dict()) for m in methods) / trainable,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description="Retention overhead per optimizer step, against plain SFT.")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per method")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    data = StagedDataModule(num_train=500, num_val=4, val_batch_size=4)
+    rows = [measure(name, data, args.steps, args.device) for name in ["sft", *(m for m in args.methods if m != "sft")]]
+    baseline = rows[0]["step_ms"]
+    print(f"{'method':18s} {'ms/step':>8s} {'x sft':>6s} {'state/params':>12s}   ({rows[0]['device']})")
+    for row in rows:
+        row["ratio_vs_sft"] = row["step_ms"] / baseline
+        memory = row["state_bytes_over_params"]
+        print(f"{row['method']:18s} {row['step_ms']:8.1f} {row['ratio_vs_sft']:6.2f} {memory:12.2f}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
