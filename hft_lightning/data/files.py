@@ -43,7 +43,7 @@ class JsonlFile:
         with self.path.open("rb") as file:
             for number, line in enumerate(file, start=1):
                 if line.strip():
-                    yield offset, f"{self.path}:{number}", line
+                    yield offset, f"{self.path}:{number}", line.rstrip(b"\r\n")
                 offset += len(line)
 
     @staticmethod
@@ -51,12 +51,14 @@ class JsonlFile:
         """Decodes one line.
 
         Raises:
-            RecordError: If the line is not valid JSON.
+            RecordError: If the line is not UTF-8 JSON.
         """
         try:
             return json.loads(raw)
-        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-            raise RecordError("", f"malformed JSON ({error})") from None
+        except json.JSONDecodeError as error:
+            raise RecordError("", f"malformed JSON: {error.msg} at column {error.colno}") from None
+        except UnicodeDecodeError as error:
+            raise RecordError("", f"not UTF-8 text: {error.reason} at byte {error.start}") from None
 
     def read(self, key: int) -> Any:
         """The record whose line starts at byte ``key``."""

@@ -107,7 +107,8 @@ def _messages(fields: Mapping[str, Any]) -> Example:
         raise RecordError("messages", "missing")
     messages = fields["messages"]
     if not isinstance(messages, list | tuple) or not messages:
-        raise RecordError("messages", f"must be a non-empty array of messages, got {json_type(messages)}")
+        got = "an empty array" if isinstance(messages, list | tuple) else json_type(messages)
+        raise RecordError("messages", f"must be a non-empty array of messages, got {got}")
     turns = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):

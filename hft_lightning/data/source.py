@@ -203,7 +203,9 @@ class FileExamples(Sequence[Example]):
         """Number of examples."""
         return self._starts[-1]
 
-    def __getitem__(self, index: int) -> Example:  # type: ignore[override]  # no slices: nothing needs them
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):
             raise IndexError(f"example {index} of {len(self)}")
         index %= len(self)
