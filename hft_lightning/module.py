@@ -221,7 +221,8 @@ class HFTModule(pl.LightningModule):
 
     def _by_ability(self, scores: torch.Tensor) -> list[float]:
         """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
-        scored = dict(zip(self.accuracy_matrix.abilities, scores.tolist(), strict=True))
+        # reshape: torchmetrics squeezes a one-element result of compute() to 0-dim
+        scored = dict(zip(self.accuracy_matrix.abilities, scores.reshape(-1).tolist(), strict=True))
         return [scored.get(name, math.nan) for name in self.ability_names]
 
     @override
