@@ -96,10 +96,11 @@ class AbilitySource:
         else:
             train, _ = self._scan(train_files, convert, f"{field}.train")
             val, _ = self._scan(open_data_files(self.val, f"{field}.val"), convert, f"{field}.val")
-        for split, examples in (("train", train), ("validation", val)):
-            if not len(examples):
-                hint = f"; raise val_fraction={self.val_fraction} or give a val file" if self.val is None else ""
-                raise ConfigError(f"{field}: no {split} examples in {self.val or self.train}{hint}")
+        if not len(train):
+            raise ConfigError(f"{field}.train: no training examples in {self.train}")
+        if not len(val):
+            hint = f"; raise val_fraction={self.val_fraction} or give a val file" if self.val is None else ""
+            raise ConfigError(f"{field}.val: no validation examples in {self.val or self.train}{hint}")
         return Ability(name=self.name, train=train, val=val.head(num_val), scorer=self._scorer(pattern))
 
     def _check(self, field: str) -> re.Pattern[str] | None:

@@ -101,7 +101,9 @@ GOOD = json.dumps({"prompt": "p", "response": "r"})
                             "messages; prompt_response: prompt, response; alpaca: instruction, output"),
         (["[1]"], "data.jsonl:1: a record must be a JSON object, got array"),
         ([GOOD, json.dumps({"instruction": "i", "output": "o"})], "data.jsonl:2: prompt: missing"),  # shape per file
-        ([], "data.abilities['mine']: no train examples in data.jsonl; raise val_fraction=0.1 or give a val file"),
+        ([], "data.abilities['mine'].train: no training examples in data.jsonl"),
+        ([GOOD], "data.abilities['mine'].val: no validation examples in data.jsonl; raise val_fraction=0.1 or "
+                 "give a val file"),
     ],
 )  # fmt: skip
 def test_bad_data_names_the_file_line_and_field_at_construction(tmp_path, lines, message):
