@@ -12,6 +12,7 @@ skips on such a restart. At the end of ``fit`` the report is written to ``<defau
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,12 @@ class HFTModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         self.ability_names = datamodule.ability_names
-        self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in datamodule.abilities})
+        # An ability with no scorer (validation loss only) is left out of the scores and the accuracy matrix.
+        scored = [a for a in datamodule.abilities if a.scorer is not None]
+        self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in scored})
         curriculum = Curriculum.of(self.trainer)
-        learned_at = [curriculum.learned_at(name) for name in self.ability_names]
-        self.accuracy_matrix = AccuracyMatrix(self.ability_names, len(curriculum.stages), learned_at)
+        learned_at = [curriculum.learned_at(a.name) for a in scored]
+        self.accuracy_matrix = AccuracyMatrix([a.name for a in scored], len(curriculum.stages), learned_at)
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects)."""
@@ -129,8 +132,11 @@ class HFTModule(pl.LightningModule):
         return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
 
     def _score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        name = self.ability_names[dataloader_idx]
+        if name not in self.ability_scores:  # no scorer: followed through its validation loss only
+            return
         predictions = self.generate(batch["prompt_ids"], batch["prompt_attention_mask"])
-        self.ability_scores[self.ability_names[dataloader_idx]].update(predictions, batch["examples"])
+        self.ability_scores[name].update(predictions, batch["examples"])
 
     def _evaluation_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         name = self.ability_names[dataloader_idx]
@@ -147,14 +153,14 @@ class HFTModule(pl.LightningModule):
         self._evaluation_step("test", batch, dataloader_idx)
 
     def _compute_scores(self) -> torch.Tensor:
-        """Scores of every ability, shape ``[num_abilities]``; resets the per-ability metrics."""
-        scores = torch.stack([self.ability_scores[name].compute() for name in self.ability_names])
+        """Scores of every scored ability, shape ``[num_scored]``; resets the per-ability metrics."""
+        scores = torch.stack([metric.compute() for metric in self.ability_scores.values()])
         for metric in self.ability_scores.values():
             metric.reset()
         return scores
 
     def _log_scores(self, split: str, scores: torch.Tensor) -> None:
-        for name, score in zip(self.ability_names, scores, strict=True):
+        for name, score in zip(self.ability_scores, scores, strict=True):
             self.log(f"{split}/{name}/score", score, add_dataloader_idx=False)
 
     @override
@@ -195,7 +201,7 @@ class HFTModule(pl.LightningModule):
         for row in rows:
             self.accuracy_matrix.update(row, scores)
         if self.logger is not None:
-            named = zip(self.ability_names, scores.tolist(), strict=True)
+            named = zip(self.ability_scores, scores.tolist(), strict=True)
             self.logger.log_metrics({f"val/{name}/score": score for name, score in named}, step=step)
 
     @override
@@ -207,16 +213,22 @@ class HFTModule(pl.LightningModule):
             Path(self.trainer.default_root_dir) / "report",
             abilities=self.ability_names,
             stages=Curriculum.of(self.trainer).plan(),
-            before=self.accuracy_matrix.before.tolist(),
-            accuracy_matrix=self.accuracy_matrix.stage_rows.tolist(),
+            before=self._by_ability(self.accuracy_matrix.before),
+            accuracy_matrix=[self._by_ability(row) for row in self.accuracy_matrix.stage_rows],
             derived={
                 "average_accuracy": derived["average_accuracy"].item(),
-                "forgetting": dict(zip(self.ability_names, derived["forgetting"].tolist(), strict=True)),
+                "forgetting": dict(zip(self.ability_names, self._by_ability(derived["forgetting"]), strict=True)),
                 "bwt": derived["bwt"].item(),
                 "fwt": derived["fwt"].item(),
             },
         )
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
+
+    def _by_ability(self, scores: torch.Tensor) -> list[float]:
+        """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
+        # reshape: torchmetrics squeezes a one-element result of compute() to 0-dim
+        scored = dict(zip(self.accuracy_matrix.abilities, scores.reshape(-1).tolist(), strict=True))
+        return [scored.get(name, math.nan) for name in self.ability_names]
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

@@ -36,11 +36,21 @@ def _config(cli) -> dict:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_config_parses_and_starts_with_its_command(path):
+def test_every_config_parses_and_starts_with_its_command(path, monkeypatch):
     command = f"# python -m hft_lightning fit --config configs/{path.relative_to(ROOT / 'configs')}"
     assert path.read_text().startswith(command)
+    monkeypatch.chdir(ROOT)  # the commands run from the repository root, where data paths are relative to
     cli = main(["--config", str(path)], run=False)
     assert cli.trainer is not None and cli.model is not None
+
+
+def test_custom_data_config_trains_on_the_example_files(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    data = main(["--config", str(ROOT / "configs" / "custom_data.yaml")], run=False).datamodule
+    assert data.ability_names == ["chat", "words"]
+    chat, words = data.abilities
+    assert any(len(e.history) > 1 for e in chat.train)  # multi-turn conversations, after a system prompt
+    assert all(e.reference["answer"] in e.response for e in chat.val) and words.val[0].reference
 
 
 def test_default_config_is_the_embedded_default():
@@ -74,6 +84,8 @@ trainer:
     [
         ("data:\n  abilities: [builtin:math, builtin:poetry]\n", "unknown ability source 'builtin:poetry'; allowed"),
         ("data:\n  abilities: []\n", "data.abilities is empty"),
+        ("data:\n  abilities: [builtin:math, {name: x, train: /nonexistent.jsonl, scorer: none}]\n",
+         r"data\.abilities\['x'\]\.train: /nonexistent\.jsonl does not exist"),
         (_stages(), "the stage plan is empty"),
         (_stages("{name: m, steps: 0, mixture: {math: 1.0}}"), r"stages\[0\] \('m'\).steps must be a positive"),
         (_stages("{name: m, steps: 5, mixture: {math: -1.0}}"), r"mixture\['math'\] must be a finite weight >= 0"),

@@ -30,16 +30,18 @@ class Ability:
         name: Short name used in stage plans, logs and reports (``math``, ``code``, ``general``).
         train: Training examples.
         val: Validation examples, disjoint from ``train``.
-        scorer: Judges generated responses against the examples' references.
+        scorer: Judges generated responses against the examples' references; None for an ability followed
+            through its validation loss only, which is left out of the accuracy matrix.
     """
 
     name: str
     train: Sequence[Example]
     val: Sequence[Example]
-    scorer: Scorer
+    scorer: Scorer | None
 
 
-def _in_validation_bucket(prompt: str, val_fraction: float) -> bool:
+def in_validation_bucket(prompt: str, val_fraction: float) -> bool:
+    """True for the ``val_fraction`` share of prompts, by a hash that is the same on every run and machine."""
     digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
@@ -73,7 +75,7 @@ def split_generated(
         if len(train) >= num_train and len(val) >= num_val:
             return train, val
         example = generate(rng)
-        if _in_validation_bucket(example.prompt, val_fraction):
+        if in_validation_bucket(example.prompt, val_fraction):
             if len(val) < num_val and example.prompt not in seen_val:
                 seen_val.add(example.prompt)
                 val.append(example)

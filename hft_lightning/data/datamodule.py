@@ -20,20 +20,25 @@ from hft_lightning.data.ability import Ability
 from hft_lightning.data.builtin import load_ability
 from hft_lightning.data.sampler import StageBatchSampler
 from hft_lightning.data.sft import SFTCollator, SFTDataset, encode_example
+from hft_lightning.data.source import AbilitySource
 from hft_lightning.data.tokenizer import build_tokenizer
 from hft_lightning.errors import ConfigError
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
 MIN_VOCAB_SIZE = 261
+TOKENIZER_EXAMPLES = 20_000
+"""The tokenizer is trained on at most this many training examples of each ability (and all validation ones)."""
 
 
 class StagedDataModule(pl.LightningDataModule):
     """Abilities, tokenizer and the per-stage training data of a curriculum.
 
     Args:
-        abilities: Ability sources; ``builtin:math``, ``builtin:code`` and ``builtin:general`` are generated
-            locally. Each ability is named after the part after ``builtin:`` (used in stage mixtures).
-        num_train: Training examples generated per ability.
+        abilities: Ability sources: ``builtin:math``, ``builtin:code`` and ``builtin:general`` are generated
+            locally and named after the part after ``builtin:`` (used in stage mixtures); an
+            :class:`~hft_lightning.data.source.AbilitySource` reads the user's JSONL or parquet files. At least one
+            ability must have a scorer.
+        num_train: Training examples generated per built-in ability (a file ability trains on all its records).
         num_val: Validation examples per ability (disjoint from training), scored at every validation.
         batch_size: Training batch size.
         val_batch_size: Validation (generation) batch size.
@@ -48,7 +53,7 @@ class StagedDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        abilities: Sequence[str] = DEFAULT_ABILITIES,
+        abilities: Sequence[str | AbilitySource] = DEFAULT_ABILITIES,
         num_train: int = 4000,
         num_val: int = 100,
         batch_size: int = 32,
@@ -67,12 +72,17 @@ class StagedDataModule(pl.LightningDataModule):
             )
         if not abilities:
             raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
-        self.abilities: list[Ability] = [load_ability(source, num_train, num_val, seed) for source in abilities]
+        self.abilities: list[Ability] = [
+            s.load(num_val) if isinstance(s, AbilitySource) else load_ability(s, num_train, num_val, seed)
+            for s in abilities
+        ]
         names = self.ability_names
         if len(set(names)) != len(names):
             raise ConfigError(f"data.abilities: ability names must be unique, got {names}")
-        texts = [text for a in self.abilities for e in (*a.train, *a.val) for text in (e.prompt, e.response)]
-        self.tokenizer = build_tokenizer(texts, vocab_size)
+        if all(a.scorer is None for a in self.abilities):
+            raise ConfigError(f"data.abilities: every ability has scorer 'none' {names}; the accuracy matrix needs one")
+        examples = (e for a in self.abilities for e in (*itertools.islice(a.train, TOKENIZER_EXAMPLES), *a.val))
+        self.tokenizer = build_tokenizer((m["content"] for e in examples for m in e.messages), vocab_size)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.seed = seed

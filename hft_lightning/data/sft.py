@@ -20,26 +20,25 @@ IGNORE_INDEX = -100
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> dict[str, torch.Tensor]:
-    """Renders an example with the chat template and masks every non-assistant token out of the labels.
+    """Renders an example's whole conversation with the chat template and masks every non-assistant token out.
 
     Args:
         tokenizer: A tokenizer whose chat template marks assistant turns with ``{% generation %}``.
         example: The example to encode.
 
     Returns:
-        ``input_ids`` and ``labels`` (``-100`` outside the assistant turn), both of shape ``[T]``.
+        ``input_ids`` and ``labels`` (``-100`` outside the assistant turns, all of them trained in a multi-turn
+        conversation), both of shape ``[T]``.
     """
-    messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.response}]
-    encoded = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    encoded = tokenizer.apply_chat_template(example.messages, return_dict=True, return_assistant_tokens_mask=True)
     input_ids = torch.tensor(encoded["input_ids"])
     labels = input_ids.masked_fill(torch.tensor(encoded["assistant_masks"]) == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels}
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> torch.Tensor:
-    """The chat-templated prompt up to and including the assistant header, shape ``[T]``."""
-    messages = [{"role": "user", "content": example.prompt}]
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    """The chat-templated conversation before the last assistant turn, with its assistant header, shape ``[T]``."""
+    encoded = tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, return_dict=True)
     return torch.tensor(encoded["input_ids"])
 
 

@@ -38,3 +38,39 @@ def test_collator_pads_training_right_and_prompts_left(tiny_data):
     assert batch["prompt_attention_mask"][0, width - short_prompt :].all()
     assert not batch["prompt_attention_mask"][0, : width - short_prompt].any()
     assert batch["examples"] == examples
+
+
+def _trained_spans(labels: torch.Tensor) -> list[list[int]]:
+    spans: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels.tolist():
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                spans.append([])
+            spans[-1].append(label)
+        previous = label
+    return spans
+
+
+def test_every_assistant_turn_of_a_conversation_is_trained_and_nothing_else(tiny_data):
+    tokenizer = tiny_data.tokenizer
+    history = [
+        {"role": "system", "content": "Answer in capitals."},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": " HI\n  THERE"},
+        {"role": "user", "content": "Again?"},
+    ]
+    example = Example(prompt="Once more.", response="HI.", history=history)
+    encoded = encode_example(tokenizer, example)
+    # token by token: the trained tokens are exactly the template's rendering of each assistant turn, in order
+    assistant = [m["content"] for m in example.messages if m["role"] == "assistant"]
+    spans = _trained_spans(encoded["labels"])
+    assert [tokenizer.decode(span) for span in spans] == [text + tokenizer.eos_token for text in assistant]
+    for span, text in zip(spans, assistant, strict=True):
+        assert span == tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    rendered = tokenizer.decode(encoded["input_ids"])
+    assert rendered.startswith("<|system|>\nAnswer in capitals.<|end|>\n<|user|>\nSay hi.<|end|>\n<|assistant|>\n")
+    # generation is prompted with the whole conversation before the last assistant turn
+    prompt = encode_prompt(tokenizer, example)
+    assert tokenizer.decode(prompt) == rendered[: rendered.rindex("HI.<|end|>")]
+    assert torch.equal(encoded["input_ids"][: len(prompt)], prompt)

@@ -1,0 +1,222 @@
+r"""Abilities declared from the user's own SFT data files.
+
+An :class:`AbilitySource` names the files of one ability and how to score it; the datamodule accepts it next to
+the ``builtin:<name>`` strings, and LightningCLI parses it from YAML::
+
+    data:
+      abilities:
+        - builtin:math
+        - {name: chat, train: data/chat.jsonl, scorer: none}
+        - {name: gsm8k, train: data/gsm8k/, val: data/gsm8k_test.jsonl, scorer: exact_match,
+           answer_pattern: '#### (\S+)'}
+
+Loading checks every record once, in file order, and keeps only its key (see :mod:`hft_lightning.data.files`):
+a mistake anywhere in the data stops the run before training, with the file, the line and the field. Without a
+``val`` file the records are split by a hash of each prompt conversation, so train and validation never share a
+prompt and the split is the same on every run and every machine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import re
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, get_args
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from hft_lightning.data.ability import Ability, Scorer, in_validation_bucket
+from hft_lightning.data.example import Example
+from hft_lightning.data.files import DataFile, open_data_files
+from hft_lightning.data.scorers import ExactMatch, ScorerName, code_exec, contains, extract_answer
+from hft_lightning.data.shapes import RecordError, Shape, detect_shape, json_type, to_example
+from hft_lightning.errors import ConfigError
+
+ShapeName = Literal["auto", "messages", "prompt_response", "alpaca"]
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class AbilitySource:
+    """An ability whose examples come from JSONL or parquet files.
+
+    Attributes:
+        name: The ability's name in stage mixtures, logs (``val/<name>/score``) and the report; letters, digits,
+            ``_`` and ``-``.
+        train: A ``.jsonl`` or ``.parquet`` file, or a directory of them, relative to the working directory.
+        scorer: How validation generations are judged: ``exact_match`` (the extracted answer equals the
+            reference's), ``contains`` (the reference answer appears in the generation), ``code_exec`` (the program
+            passes the record's unit tests in the sandbox) or ``none`` (validation loss only; the ability is left
+            out of the accuracy matrix).
+        val: Validation data, like ``train``. Without it, ``val_fraction`` of ``train`` is held out by hashing each
+            prompt. At most ``data.num_val`` validation examples are used, the first in file order.
+        shape: Record shape: ``messages`` (a conversation), ``prompt_response`` or ``alpaca``
+            (``instruction``/``input``/``output``); ``auto`` detects it per file from the first record's keys.
+        answer_pattern: For ``exact_match`` and ``contains``: a regular expression whose first group is the answer,
+            taken from its last match in the reference response and in the generation. Without it, the whole
+            stripped response is the answer.
+        tests_field: For ``code_exec``: the record field holding the unit tests, a list of Python statements.
+        val_fraction: Share of ``train`` held out for validation when no ``val`` is given, in (0, 1).
+        skip_bad_lines: Skip records that do not fit their shape (with a warning giving their count and the
+            first error) instead of stopping at the first one.
+    """
+
+    name: str
+    train: str
+    scorer: ScorerName
+    val: str | None = None
+    shape: ShapeName = "auto"
+    answer_pattern: str | None = None
+    tests_field: str = "tests"
+    val_fraction: float = 0.1
+    skip_bad_lines: bool = False
+
+    def load(self, num_val: int) -> Ability:
+        """Checks every record, splits them, and returns the ability; examples are read from disk on access.
+
+        Args:
+            num_val: The most validation examples to keep.
+
+        Raises:
+            ConfigError: If a field of this source is invalid, a path is missing, or a record is malformed (naming
+                the file, the line or row, and the field).
+        """
+        field = f"data.abilities[{self.name!r}]"
+        pattern = self._check(field)
+        convert = partial(self._example, pattern=pattern)
+        train_files = open_data_files(self.train, f"{field}.train")
+        if self.val is None:
+            train, val = self._scan(train_files, convert, f"{field}.train", self.val_fraction)
+        else:
+            train, _ = self._scan(train_files, convert, f"{field}.train")
+            val, _ = self._scan(open_data_files(self.val, f"{field}.val"), convert, f"{field}.val")
+        if not len(train):
+            raise ConfigError(f"{field}.train: no training examples in {self.train}")
+        if not len(val):
+            hint = f"; raise val_fraction={self.val_fraction} or give a val file" if self.val is None else ""
+            raise ConfigError(f"{field}.val: no validation examples in {self.val or self.train}{hint}")
+        return Ability(name=self.name, train=train, val=val.head(num_val), scorer=self._scorer(pattern))
+
+    def _check(self, field: str) -> re.Pattern[str] | None:
+        """Validates the fields that do not depend on the data; returns the compiled answer pattern."""
+        if not _NAME.fullmatch(self.name):
+            raise ConfigError(f"{field}.name must be letters, digits, '_' or '-', got {self.name!r}")
+        for key, value, allowed in (("scorer", self.scorer, ScorerName), ("shape", self.shape, ShapeName)):
+            if value not in get_args(allowed):
+                raise ConfigError(f"{field}.{key}: unknown {key} {value!r}; allowed: {', '.join(get_args(allowed))}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"{field}.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.answer_pattern is None:
+            return None
+        if self.scorer not in ("exact_match", "contains"):
+            raise ConfigError(f"{field}.answer_pattern is used by the exact_match and contains scorers only")
+        try:
+            pattern = re.compile(self.answer_pattern)
+        except re.error as error:
+            message = f"{field}.answer_pattern {self.answer_pattern!r} is not a regular expression: {error}"
+            raise ConfigError(message) from None
+        if pattern.groups < 1:
+            raise ConfigError(f"{field}.answer_pattern {self.answer_pattern!r} needs a group around the answer")
+        return pattern
+
+    def _scorer(self, pattern: re.Pattern[str] | None) -> Scorer | None:
+        scorers: dict[str, Scorer | None] = {
+            "exact_match": ExactMatch(pattern),
+            "contains": contains,
+            "code_exec": code_exec,
+            "none": None,
+        }
+        return scorers[self.scorer]
+
+    def _example(self, record: Any, shape: Shape, pattern: re.Pattern[str] | None) -> Example:
+        """Converts one record and attaches what the scorer checks against.
+
+        Raises:
+            RecordError: If the record does not fit its shape or lacks what the scorer needs.
+        """
+        example = to_example(record, shape)
+        if self.scorer == "code_exec":
+            tests = record.get(self.tests_field)
+            if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+                problem = "missing" if self.tests_field not in record else f"got {json_type(tests)}"
+                raise RecordError(self.tests_field, f"must be a non-empty list of test statements; {problem}")
+            example.reference = {"tests": list(tests)}
+        elif self.scorer in ("exact_match", "contains"):
+            answer = extract_answer(example.response, pattern)
+            if answer is None:
+                raise RecordError("answer_pattern", f"{pattern.pattern!r} does not match the response")
+            example.reference = {"answer": answer}
+        return example
+
+    def _scan(
+        self, files: list[DataFile], convert: Callable[..., Example], field: str, val_fraction: float | None = None
+    ) -> tuple[FileExamples, FileExamples]:
+        """Checks every record of ``files`` and routes its key to train or, with ``val_fraction``, validation."""
+        train: list[tuple[Callable[[int], Example], array]] = []
+        val: list[tuple[Callable[[int], Example], array]] = []
+        skipped, first_error = 0, ""
+        for file in files:
+            shape = None if self.shape == "auto" else self.shape
+            train_keys, val_keys = array("q"), array("q")
+            for key, location, raw in file.scan():
+                try:
+                    record = file.parse(raw)
+                    shape = shape or detect_shape(record)
+                    example = convert(record, shape)
+                except RecordError as error:
+                    if not self.skip_bad_lines:
+                        raise ConfigError(f"{location}: {error}") from None
+                    skipped, first_error = skipped + 1, first_error or f"{location}: {error}"
+                    continue
+                prompt = json.dumps(example.prompt_messages, ensure_ascii=False)
+                to_val = val_fraction is not None and in_validation_bucket(prompt, val_fraction)
+                (val_keys if to_val else train_keys).append(key)
+            read = partial(_read, file=file, convert=partial(convert, shape=shape))
+            train.append((read, train_keys))
+            val.append((read, val_keys))
+        if skipped:
+            rank_zero_warn(f"{field}: skipped {skipped} bad records (skip_bad_lines); the first: {first_error}")
+        return FileExamples(train), FileExamples(val)
+
+
+def _read(key: int, file: DataFile, convert: Callable[[Any], Example]) -> Example:
+    return convert(file.read(key))
+
+
+class FileExamples(Sequence[Example]):
+    """One split of a file ability: the keys of its records, each read from disk and converted on access.
+
+    Args:
+        parts: Per data file, a function reading the example at a key, and the keys of this split's records.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Callable[[int], Example], array]]):
+        self._parts = [(read, keys) for read, keys in parts if len(keys)]
+        self._starts = [0, *itertools.accumulate(len(keys) for _, keys in self._parts)]
+
+    def __len__(self) -> int:
+        """Number of examples."""
+        return self._starts[-1]
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        index %= len(self)
+        part = bisect.bisect_right(self._starts, index) - 1
+        read, keys = self._parts[part]
+        return read(keys[index - self._starts[part]])
+
+    def head(self, count: int) -> FileExamples:
+        """The first ``count`` examples (all of them if there are fewer)."""
+        parts = []
+        for read, keys in self._parts:
+            parts.append((read, keys[: count - sum(len(k) for _, k in parts)]))
+        return FileExamples(parts)
