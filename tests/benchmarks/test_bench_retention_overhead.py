@@ -1,0 +1,18 @@
+"""The retention overhead benchmark runs end to end on two methods and writes well-formed rows."""
+
+import json
+
+import pytest
+
+from benchmarks.bench_retention_overhead import main
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_writes_ratios_against_sft(tmp_path):
+    results = tmp_path / "overhead.jsonl"
+    main(["--methods", "replay", "ewc", "--steps", "3", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["sft", "replay", "ewc"]
+    assert rows[0]["ratio_vs_sft"] == 1.0
+    assert all(r["step_ms"] > 0 and r["device"] and r["params"] > 0 for r in rows)
+    assert rows[2]["state_bytes_over_params"] == 2.0  # one Fisher and one anchor, fp32, after one stage end
