@@ -66,6 +66,17 @@ class RetentionCallback(Callback):
                 f"{what} does not match the model's trainable parameters: missing {missing}, unexpected {unexpected}"
             )
 
+    @classmethod
+    def on_parameters(
+        cls, what: str, saved: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]
+    ) -> dict[str, torch.Tensor]:
+        """Checks state restored by name with :meth:`match_names` and moves each tensor to its parameter's device.
+
+        Call it in ``on_train_start``, when a checkpoint's state has been loaded and the model is on its device.
+        """
+        cls.match_names(what, saved, params)
+        return {name: tensor.to(params[name].device) for name, tensor in saved.items()}
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):

@@ -64,8 +64,7 @@ class EWC(RetentionCallback):
         params = self.trainable(pl_module)
         for state in self.consolidated:
             for key in ("fisher", "anchor"):
-                self.match_names(f"EWC {key} of stage {state['stage']}", state[key], params)
-                state[key] = {name: t.to(params[name].device) for name, t in state[key].items()}
+                state[key] = self.on_parameters(f"EWC {key} of stage {state['stage']}", state[key], params)
 
     @override
     def edit_gradients(

@@ -65,8 +65,7 @@ class GEM(RetentionCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = self.trainable(pl_module)
         for ability, ref in self.refs.items():
-            self.match_names(f"GEM reference gradient of {ability!r}", ref, params)
-            self.refs[ability] = {name: t.to(params[name].device) for name, t in ref.items()}
+            self.refs[ability] = self.on_parameters(f"GEM reference gradient of {ability!r}", ref, params)
 
     @override
     def edit_gradients(

@@ -65,10 +65,8 @@ class OnlineEWC(RetentionCallback):
         if not self.fisher:
             return
         params = self.trainable(pl_module)
-        self.match_names("OnlineEWC fisher", self.fisher, params)
-        self.match_names("OnlineEWC anchor", self.anchor, params)
-        self.fisher = {name: t.to(params[name].device) for name, t in self.fisher.items()}
-        self.anchor = {name: t.to(params[name].device) for name, t in self.anchor.items()}
+        self.fisher = self.on_parameters("OnlineEWC fisher", self.fisher, params)
+        self.anchor = self.on_parameters("OnlineEWC anchor", self.anchor, params)
 
     @override
     def edit_gradients(
