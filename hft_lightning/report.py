@@ -29,8 +29,10 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 DPI = 120
 
@@ -187,10 +189,31 @@ def _png(figure: Figure) -> bytes:
 
 
 def _heatmap(abilities: list[str], stage_names: list[str], before: list[float], matrix: list[list[float]]) -> Figure:
+    figure = Figure(figsize=(2.2 + 1.15 * len(abilities), 1.5 + 0.55 * (len(matrix) + 1)), layout="constrained")
+    ax = figure.add_subplot()
+    image = draw_accuracy_matrix(ax, abilities, stage_names, before, matrix)
+    ax.set_title("Accuracy matrix R[stage][ability]", fontweight="bold")
+    figure.colorbar(image, ax=ax, label="score", fraction=0.08, pad=0.03)
+    return figure
+
+
+def draw_accuracy_matrix(
+    ax: Axes, abilities: list[str], stage_names: list[str], before: list[float], matrix: list[list[float]]
+) -> AxesImage:
+    """Draws an accuracy matrix on ``ax``: one row per stage (``before`` first), one column per ability.
+
+    Args:
+        ax: The axes to draw on; its title is left to the caller.
+        abilities: Column labels, ``[num_abilities]``.
+        stage_names: Row labels after the ``before`` row, ``[num_stages]``.
+        before: Scores before training, ``[num_abilities]``; NaN is drawn as n/a.
+        matrix: Scores after each stage, ``[num_stages][num_abilities]``; NaN is drawn as n/a.
+
+    Returns:
+        The image, for a colour bar (scores from 0 to 1).
+    """
     values = np.array([before, *matrix], dtype=float)
     rows = ["before", *stage_names]
-    figure = Figure(figsize=(2.2 + 1.15 * len(abilities), 1.5 + 0.55 * len(rows)), layout="constrained")
-    ax = figure.add_subplot()
     colormap = matplotlib.colormaps["viridis"].with_extremes(bad="#e0e0e0")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=colormap, vmin=0.0, vmax=1.0, aspect="auto")
     for (i, j), value in np.ndenumerate(values):
@@ -205,11 +228,9 @@ def _heatmap(abilities: list[str], stage_names: list[str], before: list[float], 
     ax.xaxis.tick_top()
     ax.set_xlabel("evaluated on ability")
     ax.set_ylabel("after stage")
-    ax.set_title("Accuracy matrix R[stage][ability]", fontweight="bold")
     for spine in ax.spines.values():
         spine.set_visible(False)
-    figure.colorbar(image, ax=ax, label="score", fraction=0.08, pad=0.03)
-    return figure
+    return image
 
 
 def _curves(abilities: list[str], plan: list[dict[str, Any]], before: list[float], matrix: list[list[float]]) -> Figure:

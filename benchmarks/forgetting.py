@@ -1,0 +1,227 @@
+"""The forgetting benchmark: does staged training with retention keep every ability?
+
+Runs each method's config (``configs/<method>.yaml``) through ``python -m hft_lightning fit`` for every seed,
+reads each run's ``report/metrics.json`` and writes the mean and spread over the seeds:
+
+- ``benchmarks/results/forgetting.json``: ``{"device", "date", "seeds", "scale", "num_val", "total_s",
+  "methods": {name: {"final", "final_std", "average_accuracy", "average_accuracy_std", "forgetting",
+  "max_forgetting", "max_forgetting_std", "bwt", "wall_s", "stages", "accuracy_matrix", "per_seed"}}}``, scores
+  in [0, 1]; ``accuracy_matrix`` is the mean matrix with the ``before`` row first;
+- ``benchmarks/results/forgetting.md``: the same as a table, and ``forgetting.png``, the methods' mean accuracy
+  matrices side by side.
+
+Every method trains the same model on the same data for the same number of optimizer steps; seed ``s`` sets both
+``seed_everything`` and ``data.seed``. ``--scale`` multiplies every stage's steps and ``--num-val`` sets the
+validation examples per ability, to shrink the benchmark (a smoke test runs it at ``--scale 0.02``).
+Each finished run is kept in ``<runs>/<method>/seed<s>/run.json``; a rerun with the same settings reuses it,
+so an interrupted benchmark goes on where it stopped.
+
+    python benchmarks/forgetting.py                                  # 5 methods x 3 seeds
+    python benchmarks/forgetting.py --methods sequential hft --seeds 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import device_name
+from hft_lightning.report import draw_accuracy_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("multitask", "sequential", "mixed_sequential", "dmt", "hft")
+CURRICULUM = "hft_lightning.Curriculum"
+
+
+def run_config(method: str, scale: float) -> dict[str, Any]:
+    """``configs/<method>.yaml`` with every stage's steps times ``scale`` (at least 1) and no progress bar."""
+    path = ROOT / "configs" / f"{method}.yaml"
+    config = yaml.safe_load(path.read_text())
+    callbacks = config["trainer"]["callbacks"]
+    curricula = [c for c in callbacks if c["class_path"] == CURRICULUM]
+    if len(curricula) != 1 or "stages" not in curricula[0].get("init_args", {}):
+        raise ValueError(f"{path}: trainer.callbacks must hold one {CURRICULUM} with init_args.stages")
+    for stage in curricula[0]["init_args"]["stages"]:
+        stage["steps"] = max(1, round(stage["steps"] * scale))
+    config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith("ProgressBar")]
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["logger"] = False
+    return config
+
+
+def run(method: str, seed: int, scale: float, num_val: int, runs: Path) -> dict[str, Any]:
+    """Trains one method for one seed (or reuses a finished run with the same settings) and returns its record.
+
+    Returns:
+        ``{"config", "seed", "num_val", "wall_s", "metrics"}``, ``metrics`` the run's ``report/metrics.json``.
+    """
+    directory = runs / method / f"seed{seed}"
+    config = run_config(method, scale)
+    record_path = directory / "run.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if (record["config"], record["seed"], record["num_val"]) == (config, seed, num_val):
+            return record
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / "benchmark_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [
+        sys.executable, "-m", "hft_lightning", "fit", "--config", str(config_path),
+        "--seed_everything", str(seed), "--data.seed", str(seed), "--data.num_val", str(num_val),
+        "--trainer.default_root_dir", str(directory),
+    ]  # fmt: skip
+    log_path = directory / "fit.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    wall_s = time.perf_counter() - start
+    if returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{method} seed {seed} failed (exit {returncode}), log {log_path}:\n{tail}")
+    metrics = json.loads((directory / "report" / "metrics.json").read_text())
+    record = {"config": config, "seed": seed, "num_val": num_val, "wall_s": wall_s, "metrics": metrics}
+    temporary = record_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    os.replace(temporary, record_path)
+    return record
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over the seeds of one method's runs (sample standard deviation; 0 for one seed)."""
+    metrics = [r["metrics"] for r in records]
+    abilities = metrics[0]["abilities"]
+    finals = {a: [m["accuracy_matrix"][-1][j] for m in metrics] for j, a in enumerate(abilities)}
+    max_forgetting = [max(m["forgetting"].values()) for m in metrics]
+    averages = [m["average_accuracy"] for m in metrics]
+    matrices = [[m["before"], *m["accuracy_matrix"]] for m in metrics]  # [seed][row][ability]
+    mean_matrix = [[statistics.fmean(c) for c in zip(*row, strict=True)] for row in zip(*matrices, strict=True)]
+    return {
+        "final": {a: statistics.fmean(v) for a, v in finals.items()},
+        "final_std": {a: _std(v) for a, v in finals.items()},
+        "average_accuracy": statistics.fmean(averages),
+        "average_accuracy_std": _std(averages),
+        "forgetting": {a: statistics.fmean(m["forgetting"][a] for m in metrics) for a in abilities},
+        "max_forgetting": statistics.fmean(max_forgetting),
+        "max_forgetting_std": _std(max_forgetting),
+        "bwt": statistics.fmean(m["bwt"] for m in metrics),
+        "wall_s": statistics.fmean(r["wall_s"] for r in records),
+        "stages": metrics[0]["stages"],
+        "accuracy_matrix": mean_matrix,
+        "per_seed": {"seed": [r["seed"] for r in records], "average_accuracy": averages,
+                     "max_forgetting": max_forgetting},
+    }  # fmt: skip
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def markdown(results: dict[str, Any], figure_name: str) -> str:
+    """The results as a markdown table (mean ± standard deviation over the seeds) with the figure below."""
+    methods = results["methods"]
+    abilities = list(next(iter(methods.values()))["final"])
+    header = ["method", *(f"final {a}" for a in abilities), "average accuracy", "max forgetting", "BWT", "wall s"]
+    lines = [
+        f"# Forgetting benchmark ({results['date']})",
+        "",
+        f"Device: {results['device']}. Seeds: {results['seeds']}, step scale {results['scale']}, "
+        f"{results['num_val']} validation examples per ability, total {results['total_s'] / 60:.1f} min. "
+        "Mean ± standard deviation over the seeds; scores in [0, 1]; forgetting is the drop from an ability's best "
+        "score after any earlier stage to its final score (lower is better).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, m in methods.items():
+        cells = [
+            *(f"{m['final'][a]:.2f} ± {m['final_std'][a]:.2f}" for a in abilities),
+            f"{m['average_accuracy']:.3f} ± {m['average_accuracy_std']:.3f}",
+            f"{m['max_forgetting']:.3f} ± {m['max_forgetting_std']:.3f}",
+            f"{m['bwt']:+.3f}",
+            f"{m['wall_s']:.0f}",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"![Mean accuracy matrices]({figure_name})", ""]
+    return "\n".join(lines)
+
+
+def figure(results: dict[str, Any]) -> Figure:
+    """The methods' mean accuracy matrices side by side, on one colour scale."""
+    methods = results["methods"]
+    abilities = list(next(iter(methods.values()))["final"])
+    height = 1.8 + 0.5 * max(len(m["accuracy_matrix"]) for m in methods.values())
+    fig = Figure(figsize=(3.3 * len(methods) + 0.8, height), layout="constrained")
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    for ax, (name, m) in zip(axes, methods.items(), strict=True):
+        before, *matrix = m["accuracy_matrix"]
+        image = draw_accuracy_matrix(ax, abilities, m["stages"], before, matrix)
+        ax.set_title(f"{name}\navg {m['average_accuracy']:.2f}, max forgetting {m['max_forgetting']:.2f}")
+        if ax is not axes[0]:
+            ax.set_ylabel("")
+    fig.colorbar(image, ax=list(axes), label="score (mean over seeds)", fraction=0.02)
+    return fig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
+    parser.add_argument("--num-val", type=int, default=100, help="validation examples per ability")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "forgetting", help="where the runs go")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting.{json,md,png} go")
+    args = parser.parse_args(argv)
+    if args.scale <= 0 or args.num_val < 1:
+        parser.error(f"--scale must be > 0 and --num-val >= 1, got {args.scale} and {args.num_val}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    with tqdm(jobs, desc="forgetting benchmark", unit="run") as bar:
+        for method, seed in bar:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            records[method].append(run(method, seed, args.scale, args.num_val, args.runs))
+    results = {
+        "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "date": datetime.date.today().isoformat(),
+        "seeds": args.seeds,
+        "scale": args.scale,
+        "num_val": args.num_val,
+        "total_s": sum(r["wall_s"] for rs in records.values() for r in rs),
+        "methods": {m: summarize(rs) for m, rs in records.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "forgetting.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "forgetting.md").write_text(markdown(results, "forgetting.png"))
+    fig = figure(results)
+    FigureCanvasAgg(fig)
+    fig.savefig(args.out / "forgetting.png", dpi=110)
+    print(markdown(results, "forgetting.png"))
+    print(f"wrote {args.out}/forgetting.{{json,md,png}} in {(time.perf_counter() - start) / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    main()
