@@ -52,7 +52,10 @@ CURRICULUM = "hft_lightning.Curriculum"
 
 
 def run_config(method: str, scale: float) -> dict[str, Any]:
-    """``configs/<method>.yaml`` with every stage's steps times ``scale`` (at least 1) and no progress bar."""
+    """``configs/<method>.yaml``, every stage's steps times ``scale`` (at least 1), quiet and without checkpoints.
+
+    The progress bar, checkpoints and logger are off: the benchmark reads each run's report.
+    """
     path = ROOT / "configs" / f"{method}.yaml"
     config = yaml.safe_load(path.read_text())
     callbacks = config["trainer"]["callbacks"]
@@ -62,8 +65,7 @@ def run_config(method: str, scale: float) -> dict[str, Any]:
     for stage in curricula[0]["init_args"]["stages"]:
         stage["steps"] = max(1, round(stage["steps"] * scale))
     config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith("ProgressBar")]
-    config["trainer"]["enable_progress_bar"] = False
-    config["trainer"]["logger"] = False
+    config["trainer"].update(enable_progress_bar=False, enable_checkpointing=False, logger=False)
     return config
 
 

@@ -1,0 +1,49 @@
+"""The forgetting benchmark runs end to end at its smallest size and writes well-formed results."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks.forgetting import main, run_config
+
+
+def test_scaled_config_keeps_the_plan_and_drops_the_progress_bar():
+    config = run_config("sequential", 0.01)
+    stages = config["trainer"]["callbacks"][0]["init_args"]["stages"]
+    assert [s["name"] for s in stages] == ["foundation", "math", "code", "general"]
+    assert [s["steps"] for s in stages] == [3, 4, 4, 4]
+    assert not [c for c in config["trainer"]["callbacks"] if "ProgressBar" in c["class_path"]]
+    assert config["trainer"]["enable_progress_bar"] is config["trainer"]["enable_checkpointing"] is False
+
+
+def test_every_method_trains_the_same_number_of_steps():
+    def steps(method):
+        return sum(s["steps"] for s in run_config(method, 1.0)["trainer"]["callbacks"][0]["init_args"]["stages"])
+
+    assert {steps(m) for m in ("multitask", "sequential", "mixed_sequential", "dmt", "hft")} == {1500}
+
+
+@pytest.mark.slow
+def test_benchmark_writes_json_table_and_figure(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--methods", "sequential", "hft", "--seeds", "0", "--scale", "0.02", "--num-val", "4"]
+    results = main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    written = json.loads((out / "forgetting.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["seeds"] == [0] and written["device"] and written["total_s"] > 0
+    assert list(written["methods"]) == ["sequential", "hft"]
+    for name, m in written["methods"].items():
+        abilities = ["math", "code", "general"]
+        assert list(m["final"]) == list(m["final_std"]) == list(m["forgetting"]) == abilities
+        scores = [*m["final"].values(), m["average_accuracy"], *(x for row in m["accuracy_matrix"] for x in row)]
+        assert all(0.0 <= x <= 1.0 for x in scores), name
+        assert all(-1.0 <= x <= 1.0 for x in [*m["forgetting"].values(), m["max_forgetting"], m["bwt"]]), name
+        assert m["max_forgetting"] == max(m["forgetting"].values())  # one seed: the mean of maxima is the max
+        assert m["final_std"] == dict.fromkeys(abilities, 0.0) and m["average_accuracy_std"] == 0.0
+        assert math.isclose(m["average_accuracy"], sum(m["final"].values()) / 3, abs_tol=1e-6)
+        assert len(m["accuracy_matrix"]) == len(m["stages"]) + 1 and m["wall_s"] > 0
+    assert "| sequential |" in (out / "forgetting.md").read_text()
+    assert (out / "forgetting.png").read_bytes().startswith(b"\x89PNG")
+    rerun = main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(out)])  # finished runs are reused
+    assert rerun["methods"] == results["methods"]
