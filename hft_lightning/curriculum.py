@@ -77,10 +77,11 @@ def _validate_stages(stages: Sequence[Stage]) -> None:
 
 def _check_trainer(trainer: pl.Trainer) -> None:
     """Refuses trainer settings under which a stage would not run exactly its planned steps."""
-    if trainer.world_size > 1:
+    # Lightning has no public accessor for the flag; it would wrap the stage sampler in a DistributedSampler.
+    if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
         raise ConfigError(
-            f"the curriculum runs on one process for now (trainer.world_size={trainer.world_size}): its stage "
-            "sampler does not shard batches across ranks yet; use trainer.devices=1"
+            f"set trainer.use_distributed_sampler: false with {trainer.world_size} processes: the curriculum's "
+            "stage sampler shards each batch across the processes itself"
         )
     if trainer.max_steps != -1:
         raise ConfigError(

@@ -141,7 +141,9 @@ class HFTModule(pl.LightningModule):
     def _evaluation_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         name = self.ability_names[dataloader_idx]
         loss = self.sft_loss(batch)
-        self.log(f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=len(batch["examples"]))
+        self.log(
+            f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=len(batch["examples"]), sync_dist=True
+        )
         self._score_batch(batch, dataloader_idx)
 
     @override
@@ -161,7 +163,7 @@ class HFTModule(pl.LightningModule):
 
     def _log_scores(self, split: str, scores: torch.Tensor) -> None:
         for name, score in zip(self.ability_scores, scores, strict=True):
-            self.log(f"{split}/{name}/score", score, add_dataloader_idx=False)
+            self.log(f"{split}/{name}/score", score, add_dataloader_idx=False, sync_dist=True)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -171,9 +173,9 @@ class HFTModule(pl.LightningModule):
             return
         self.accuracy_matrix.update(self.trainer.current_epoch + 1, scores)
         derived = self.accuracy_matrix.compute()
-        self.log("cl/average_accuracy", derived["average_accuracy"])
-        self.log("cl/bwt", derived["bwt"])
-        self.log("cl/fwt", derived["fwt"])
+        self.log("cl/average_accuracy", derived["average_accuracy"], sync_dist=True)
+        self.log("cl/bwt", derived["bwt"], sync_dist=True)
+        self.log("cl/fwt", derived["fwt"], sync_dist=True)
 
     @override
     def on_test_epoch_end(self) -> None:

@@ -104,18 +104,20 @@ class StagedDataModule(pl.LightningDataModule):
             num_batches=stage.steps * self.trainer.accumulate_grad_batches,
             seed=self.seed * 1000 + index,
             start_batch=start_batch,
+            rank=self.trainer.global_rank,
+            num_replicas=self.trainer.world_size,
         )
 
     def stage_stream(self, index: int) -> Iterator[tuple[str, int]]:
         """Every training example stage ``index`` trains on, in training order, as ``(ability, example index)``.
 
         This is what the retention methods sample their memories from: a pure function of the plan and the seed,
-        the same on every process and after a resume.
+        the same on every process (all processes' examples of each global batch) and after a resume.
         """
         sampler = self.stage_sampler(index)
         offsets = list(itertools.accumulate((len(a.train) for a in self.abilities), initial=0))
-        for batch in sampler:
-            for flat in batch:
+        for batch in range(sampler.num_batches):
+            for flat in sampler.global_batch(batch):
                 ability = bisect.bisect_right(offsets, flat) - 1
                 yield self.ability_names[ability], flat - offsets[ability]
 

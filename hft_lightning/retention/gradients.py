@@ -1,9 +1,10 @@
 """Gradients of the SFT loss on remembered examples, for consolidation and reference gradients.
 
 Computed with ``torch.autograd.grad`` so the training gradients in ``p.grad`` are never touched, under the
-trainer's precision context (autocast for ``bf16-mixed``), accumulated in fp32. Under DDP each process takes
-its share of the examples (``items[rank::world_size]``) and the results are summed with an all-reduce, so every
-process ends with the same tensors as a single process would compute (up to summation order).
+trainer's precision context (autocast for ``bf16-mixed``), accumulated in fp32. Under DDP the examples are cut
+into the same batches as on one process, each process takes its share of the batches (``batches[rank::world_size]``)
+and the results are summed with an all-reduce, so every process ends with the same tensors as a single process
+would compute (up to summation order).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ def _all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def _local_batches(trainer: pl.Trainer, items: Sequence[Item], batch_size: int) -> Iterator[dict[str, Any]]:
-    share = list(items[trainer.global_rank :: trainer.world_size])
-    for start in range(0, len(share), batch_size):
-        yield trainer.strategy.batch_to_device(trainer.datamodule.collate(share[start : start + batch_size]))
+    starts = range(0, len(items), batch_size)[trainer.global_rank :: trainer.world_size]
+    for start in starts:
+        yield trainer.strategy.batch_to_device(trainer.datamodule.collate(items[start : start + batch_size]))
 
 
 def _loss_grads(trainer: pl.Trainer, pl_module: pl.LightningModule, params: Sequence[nn.Parameter], batch: Any):

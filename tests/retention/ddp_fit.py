@@ -1,0 +1,51 @@
+"""Fits the tiny three-stage problem with EWC and GEM and saves what each process ends with.
+
+Run as a script, so that Lightning's DDP launcher can start the other processes the same way:
+
+    python tests/retention/ddp_fit.py OUT --devices 2 --batch-size 4   # 2 processes, gloo, CPU
+    python tests/retention/ddp_fit.py OUT --devices 1 --batch-size 8   # the same global batches on one
+
+The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
+their retention state must agree. Each process writes ``OUT/rank<r>.pt``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hft_lightning.retention import EWC, GEM
+from tests.helpers import tiny_datamodule
+from tests.retention.common import fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    args = parser.parse_args()
+    ewc, gem = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3)
+    module, trainer = fit(
+        args.out,
+        [ewc, gem],
+        data=tiny_datamodule(batch_size=args.batch_size),
+        module_overrides={"learning_rate": 1e-20},
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        use_distributed_sampler=False,
+    )
+    state = {
+        "world_size": trainer.world_size,
+        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+        "ewc": ewc.state_dict(),
+        "gem": gem.state_dict(),
+    }
+    torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Under DDP (2 processes, gloo, CPU) every process ends with the same retention state as one process would.
+
+Both runs train on the same global batches (2 x 4 examples, or 8 on one process) at a negligible learning rate,
+so the Fisher, the anchors and the GEM reference gradients are estimated at the same weights and must agree.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from hft_lightning.curriculum import _check_trainer
+from hft_lightning.errors import ConfigError
+
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+ROOT = SCRIPT.parents[2]
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _tensors(state, prefix=""):
+    """The state's leaves by dotted path (dicts, lists and tuples walked)."""
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list | tuple) else None
+    if items is None:
+        return {prefix: state}
+    return {path: leaf for key, value in items for path, leaf in _tensors(value, f"{prefix}.{key}").items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    ddp, single = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
+    for out, devices, batch_size in [(ddp, "2", "4"), (single, "1", "8")]:
+        result = _run(out, "--devices", devices, "--batch-size", batch_size)
+        assert result.returncode == 0, result.stderr[-3000:]
+    load = lambda path: _tensors(torch.load(path, weights_only=False))  # noqa: E731
+    return load(ddp / "rank0.pt"), load(ddp / "rank1.pt"), load(single / "rank0.pt")
+
+
+def test_every_process_holds_the_same_state(runs):
+    rank0, rank1, _ = runs
+    assert rank0[".world_size"] == 2
+    assert rank0.keys() == rank1.keys()
+    for path, value in rank0.items():
+        same = torch.equal(value, rank1[path]) if isinstance(value, torch.Tensor) else value == rank1[path]
+        assert same, path
+
+
+def test_state_equals_one_process_with_the_same_global_batches(runs):
+    rank0, _, single = runs
+    assert single[".world_size"] == 1
+    compared = [path for path in rank0 if path.startswith((".ewc", ".gem"))]
+    assert any(".fisher." in p for p in compared) and any(".refs." in p for p in compared)
+    assert any(".memory.items." in p for p in compared)
+    for path in compared:
+        value, expected = rank0[path], single[path]
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-12, msg=path)
+        else:
+            assert value == expected, path
+
+
+def test_lightning_distributed_sampler_is_refused():
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(ConfigError, match=r"set trainer\.use_distributed_sampler: false with 2 processes"):
+        _check_trainer(trainer)
