@@ -1,11 +1,12 @@
 """Averaged GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM").
 
-A-GEM keeps the same per-ability memory as :class:`~hft_lightning.retention.GEM` but, at every optimizer step,
-computes a single reference gradient ``g_ref`` on a random batch drawn from the whole memory, and projects with
-the closed form ``g -= min(0, <g, g_ref>) / <g_ref, g_ref> * g_ref`` (:func:`kernels.gem_project_` with k = 1):
-one extra forward/backward pass per step instead of k, and one fp32 copy of the trainable parameters, alive only
-during the step. The batch is drawn from a generator seeded by the data seed and the step, so a resumed run
-draws what the uninterrupted run drew.
+A-GEM keeps the same per-ability memory as :class:`~hft_lightning.retention.GEM` but computes a single reference
+gradient ``g_ref`` on a random batch drawn from the whole memory, and projects with the closed form
+``g -= min(0, <g, g_ref>) / <g_ref, g_ref> * g_ref`` (:func:`kernels.gem_project_` with k = 1): one extra
+forward/backward pass per refresh instead of k, and one fp32 copy of the trainable parameters. The paper draws a
+new batch at every step (``ref_every=1``); ``ref_every > 1`` reuses the reference for that many steps
+(:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). The batch is drawn
+from a generator seeded by the data seed and the step, so a resumed run draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
+from hft_lightning.retention.references import ReferenceGradients
 from kernels import gem_project_
 
 
@@ -29,24 +31,31 @@ class AGEM(RetentionCallback):
 
     Args:
         memory_size: Examples remembered per ability (> 0).
-        batch_size: Examples of the memory drawn at every step for the reference gradient (> 0).
+        batch_size: Examples of the memory drawn for each reference gradient (> 0).
+        ref_every: Draw a new batch and recompute the reference every this many optimizer steps (1 = the paper).
 
     Example::
 
-        trainer = Trainer(callbacks=[Curriculum(), AGEM(memory_size=64, batch_size=32)])
+        trainer = Trainer(callbacks=[Curriculum(), AGEM(memory_size=64, batch_size=32, ref_every=10)])
     """
 
-    def __init__(self, memory_size: int = 64, batch_size: int = 32):
-        for name, value in {"memory_size": memory_size, "batch_size": batch_size}.items():
+    def __init__(self, memory_size: int = 64, batch_size: int = 32, ref_every: int = 1):
+        for name, value in {"memory_size": memory_size, "batch_size": batch_size, "ref_every": ref_every}.items():
             if value <= 0:
                 raise ConfigError(f"AGEM({name}={value}): {name} must be > 0")
-        super().__init__(memory_size=memory_size, batch_size=batch_size)
+        super().__init__(memory_size=memory_size, batch_size=batch_size, ref_every=ref_every)
         self.batch_size = batch_size
         self.memory = ExampleMemory(memory_size)
+        self.references = ReferenceGradients(ref_every)
 
     @override
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
         self.memory.observe_stage(trainer.datamodule, stage_index)
+        self.references.clear()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.references.restore("AGEM", self.trainable(pl_module))
 
     @override
     def edit_gradients(
@@ -55,17 +64,19 @@ class AGEM(RetentionCallback):
         items = self.memory.all_items()
         if not items:
             return
-        generator = torch.Generator().manual_seed(trainer.datamodule.seed * 1_000_003 + trainer.global_step)
-        drawn = torch.randperm(len(items), generator=generator)[: self.batch_size].tolist()
-        theta = list(params.values())
-        ref = loss_gradient(trainer, pl_module, theta, [items[i] for i in drawn], self.batch_size)
-        v = gem_project_([p.grad for p in theta], [ref])
+        if self.references.due(trainer.global_step):
+            generator = torch.Generator().manual_seed(trainer.datamodule.seed * 1_000_003 + trainer.global_step)
+            drawn = torch.randperm(len(items), generator=generator)[: self.batch_size].tolist()
+            ref = loss_gradient(trainer, pl_module, list(params.values()), [items[i] for i in drawn], self.batch_size)
+            self.references.update({"memory": dict(zip(params, ref, strict=True))}, trainer.global_step)
+        v = gem_project_([p.grad for p in params.values()], self.references.ordered(params))
         pl_module.log("retention/agem_violated", (v > 0).sum().float())
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict()}
+        return {"memory": self.memory.state_dict(), "references": self.references.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.memory.load_state_dict(state_dict["memory"])
+        self.references.load_state_dict(state_dict["references"])

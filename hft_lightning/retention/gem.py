@@ -8,9 +8,9 @@ training gradient with the fused :func:`kernels.gem_project_`: ``g += G^T v*`` w
 ability: to first order, no remembered ability's loss increases. When no constraint is violated, g is unchanged.
 
 The paper recomputes the references at every step (``ref_every=1``): k extra forward/backward passes on the
-memory per step. ``ref_every > 1`` reuses them for that many steps, trading exactness for speed (measured in
-``benchmarks/bench_retention_overhead.py``). The references are part of the checkpoint, so a resumed run
-projects exactly as the uninterrupted one. Memory: k fp32 copies of the trainable parameters.
+memory per step. ``ref_every > 1`` reuses them for that many steps, trading exactness for speed
+(:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). Memory: k fp32 copies
+of the trainable parameters.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
+from hft_lightning.retention.references import ReferenceGradients
 from kernels import MAX_REFS, gem_project_
 
 
@@ -46,11 +47,9 @@ class GEM(RetentionCallback):
             if value <= 0:
                 raise ConfigError(f"GEM({name}={value}): {name} must be > 0")
         super().__init__(memory_size=memory_size, ref_every=ref_every)
-        self.ref_every = ref_every
         self.batch_size = batch_size
         self.memory = ExampleMemory(memory_size)
-        self.refs: dict[str, dict[str, Any]] = {}
-        self.refs_step = -1
+        self.references = ReferenceGradients(ref_every)
 
     @override
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
@@ -59,13 +58,11 @@ class GEM(RetentionCallback):
             raise ConfigError(
                 f"GEM projects against at most {MAX_REFS} abilities, the memory holds {len(self.memory.abilities)}"
             )
-        self.refs = {}
+        self.references.clear()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = self.trainable(pl_module)
-        for ability, ref in self.refs.items():
-            self.refs[ability] = self.on_parameters(f"GEM reference gradient of {ability!r}", ref, params)
+        self.references.restore("GEM", self.trainable(pl_module))
 
     @override
     def edit_gradients(
@@ -73,23 +70,21 @@ class GEM(RetentionCallback):
     ) -> None:
         if not self.memory.abilities:
             return
-        if not self.refs or trainer.global_step - self.refs_step >= self.ref_every:
+        if self.references.due(trainer.global_step):
             theta = list(params.values())
-            self.refs = {}
+            refs = {}
             for ability in self.memory.abilities:
                 ref = loss_gradient(trainer, pl_module, theta, self.memory.items(ability), self.batch_size)
-                self.refs[ability] = dict(zip(params, ref, strict=True))
-            self.refs_step = trainer.global_step
-        refs = [[ref[name] for name in params] for ref in self.refs.values()]
-        v = gem_project_([p.grad for p in params.values()], refs)
+                refs[ability] = dict(zip(params, ref, strict=True))
+            self.references.update(refs, trainer.global_step)
+        v = gem_project_([p.grad for p in params.values()], self.references.ordered(params))
         pl_module.log("retention/gem_violated", (v > 0).sum().float())
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict(), "refs": self.refs, "refs_step": self.refs_step}
+        return {"memory": self.memory.state_dict(), "references": self.references.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.memory.load_state_dict(state_dict["memory"])
-        self.refs = state_dict["refs"]
-        self.refs_step = state_dict["refs_step"]
+        self.references.load_state_dict(state_dict["references"])

@@ -25,6 +25,7 @@ from tests.retention.common import fit
         (lambda: GEM(ref_every=0), "ref_every"),
         (lambda: AGEM(memory_size=0), "memory_size"),
         (lambda: AGEM(batch_size=-2), "batch_size"),
+        (lambda: AGEM(ref_every=0), "ref_every"),
         (lambda: Replay(memory_size=0), "memory_size"),
         (lambda: Replay(ratio=1.0), "ratio"),
     ],

@@ -30,7 +30,7 @@ def test_gem_projection_matches_an_independent_qp_solution(tmp_path):
     g, projected = _last_step(tmp_path, gem)
     assert gem.memory.abilities == ["math", "code"]  # last stage: k = 2 remembered abilities
     names = list(g)
-    refs = np.stack([_flat(ref, names) for ref in gem.refs.values()])
+    refs = np.stack([_flat(ref, names) for ref in gem.references.refs.values()])
     x = _flat(projected, names)
     assert (refs @ x >= -1e-6 * np.linalg.norm(refs, axis=1) * np.linalg.norm(x)).all()
     np.testing.assert_allclose(x, _qp_projection(_flat(g, names), refs), rtol=1e-4, atol=1e-7)
@@ -85,3 +85,33 @@ def test_agem_matches_the_closed_form(tmp_path):
         np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-7)
         projected += bool(g @ r < 0)
     assert projected > 0
+
+
+class UsedReference(GradientProbe):
+    """After A-GEM: records the projected gradient and the reference A-GEM projected it against, with its step."""
+
+    def __init__(self, agem: AGEM):
+        super().__init__()
+        self.agem = agem
+        self.used: list[tuple[int, dict[str, torch.Tensor]] | None] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        refs = self.agem.references
+        self.used.append((refs.step, {n: t.clone() for n, t in refs.refs["memory"].items()}) if refs.refs else None)
+
+
+def test_agem_ref_every_reuses_the_reference_until_due_and_after_each_consolidation(tmp_path):
+    agem = AGEM(memory_size=8, batch_size=4, ref_every=3)
+    oracle, after = AGEMOracle(agem), UsedReference(agem)
+    fit(tmp_path, [oracle, agem, after])  # 3 stages of 4 steps: nothing remembered in steps 0-3
+    assert [u and u[0] for u in after.used] == [None] * 4 + [4, 4, 4, 7, 8, 8, 8, 11]
+    recorded = zip(oracle.steps, oracle.refs, after.steps, after.used, strict=True)
+    for step, (g_named, fresh, x_named, used) in enumerate(recorded):
+        if used is None:
+            continue
+        names = list(g_named)
+        g, x, r = _flat(g_named, names), _flat(x_named, names), _flat(used[1], names)
+        if used[0] == step:  # refreshed now: the reference is the one the oracle computes from this step's draw
+            np.testing.assert_allclose(r, _flat(fresh, names), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(x, g - min(0.0, g @ r) / (r @ r) * r, rtol=1e-4, atol=1e-7)

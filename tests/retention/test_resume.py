@@ -42,9 +42,10 @@ def _fit(data, root, callbacks, ckpt_path=None, checkpoint=None):
         lambda: [OnlineEWC(lam=1e4, fisher_samples=2)],
         lambda: [GEM(memory_size=4, ref_every=3)],
         lambda: [AGEM(memory_size=4, batch_size=2)],
+        lambda: [AGEM(memory_size=4, batch_size=2, ref_every=4)],
         lambda: [Replay(memory_size=4), EWC(lam=1e4, fisher_samples=2)],
     ],
-    ids=["ewc", "online_ewc", "gem_ref_every_3", "agem", "replay+ewc"],
+    ids=["ewc", "online_ewc", "gem_ref_every_3", "agem", "agem_ref_every_4", "replay+ewc"],
 )
 def test_resume_mid_stage_after_consolidation_equals_uninterrupted(tiny_data, tmp_path, make_callbacks):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)

@@ -1,0 +1,63 @@
+"""The reference gradients GEM and A-GEM project against, refreshed every few steps and kept in the checkpoint.
+
+The papers recompute them at every optimizer step (``every=1``), which costs forward/backward passes on the
+memory at each step. ``every > 1`` reuses them for that many steps, trading exactness for speed (measured in
+``benchmarks/bench_retention_overhead.py``). They are part of the checkpoint, so a resumed run projects exactly
+as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from hft_lightning.retention.base import RetentionCallback
+
+
+class ReferenceGradients:
+    """Reference gradients by key (an ability, or the whole memory), each a tensor per parameter name, in fp32.
+
+    Args:
+        every: Recompute the references every this many optimizer steps (> 0; 1 = every step).
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.refs: dict[str, dict[str, torch.Tensor]] = {}
+        self.step = -1
+
+    def due(self, step: int) -> bool:
+        """Whether the references must be recomputed at optimizer step ``step``."""
+        return not self.refs or step - self.step >= self.every
+
+    def update(self, refs: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        """Replaces the references with ``refs``, computed at optimizer step ``step``."""
+        self.refs, self.step = refs, step
+
+    def clear(self) -> None:
+        """Drops the references (the memory changed): the next step recomputes them."""
+        self.refs = {}
+
+    def ordered(self, names: Iterable[str]) -> list[list[torch.Tensor]]:
+        """The references as ``[k][num_params]`` tensors in the order of ``names``, for :func:`kernels.gem_project_`."""
+        names = list(names)
+        return [[ref[name] for name in names] for ref in self.refs.values()]
+
+    def restore(self, what: str, params: Mapping[str, nn.Parameter]) -> None:
+        """Checks restored references against the trainable parameters and moves them to their devices.
+
+        Call it in ``on_train_start``; ``what`` names the method in the error of a mismatch.
+        """
+        for key, ref in self.refs.items():
+            self.refs[key] = RetentionCallback.on_parameters(f"{what} reference gradient of {key!r}", ref, params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The references and the step they were computed at (for the owning callback's checkpoint state)."""
+        return {"refs": self.refs, "step": self.step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; call :meth:`restore` once the model is on its device."""
+        self.refs, self.step = state_dict["refs"], state_dict["step"]
