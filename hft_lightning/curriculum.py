@@ -297,7 +297,15 @@ class Curriculum(Callback):
                 trainer.strategy.setup_optimizers(trainer)
         rank_zero_info(self.describe())
         if trainer.is_global_zero:
-            write_plan(Path(trainer.default_root_dir) / "report", self.explanation())
+            self.save_plan(trainer.default_root_dir)
+
+    def save_plan(self, root_dir: str | Path) -> Path:
+        """Writes ``plan.json`` (:meth:`explanation`), and the affinity heatmap if measured, to ``root_dir/report``.
+
+        Returns:
+            The path of ``plan.json``.
+        """
+        return write_plan(Path(root_dir) / "report", self.explanation())
 
     def _announce(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hook: str, index: int) -> None:
         for callback in trainer.callbacks:

@@ -61,9 +61,17 @@ class Planner(ABC):
         """Checks the planner's arguments against the abilities it will order.
 
         Raises:
-            ConfigError: A prerequisite names an ability no single-ability stage trains, or prerequisites form a
-                cycle; the message names the abilities.
+            ConfigError: Two single-ability stages train the same ability (a planner orders abilities), a
+                prerequisite names an ability no single-ability stage trains, or prerequisites form a cycle; the
+                message names the abilities.
         """
+        repeated = sorted({a for a in abilities if list(abilities).count(a) > 1})
+        if repeated:
+            raise ConfigError(
+                f"Curriculum.stages: {repeated} each train alone in more than one stage, but "
+                f"Curriculum.planner ({type(self).__name__}) orders abilities; give each ability one single-ability "
+                "stage, or use the Explicit planner"
+            )
         check_prerequisites(self.prerequisites, abilities)
 
     @abstractmethod
@@ -75,10 +83,10 @@ class Planner(ABC):
             probe: Measures the model and data; ``None`` for a planner that does not measure.
         """
 
-    def reason(self, ability: str, measured: str) -> str:
-        """``measured``, followed by the prerequisites of ``ability`` when it has some (a row of the plan table)."""
+    def reason(self, ability: str, measured: str = "") -> str:
+        """``measured`` and the prerequisites of ``ability``, when there are any: a row of the plan table."""
         before = self.prerequisites.get(ability, [])
-        return "; ".join([measured, f"builds on {', '.join(before)}"] if before else [measured])
+        return "; ".join(part for part in (measured, f"builds on {', '.join(before)}" if before else "") if part)
 
 
 def check_prerequisites(prerequisites: PrerequisiteMap, abilities: Sequence[str]) -> None:

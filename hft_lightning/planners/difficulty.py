@@ -40,5 +40,8 @@ class Difficulty(Planner):
         losses = {a: probe.loss(a, self.examples, self.batch_size) for a in abilities}
         order = topological_order(abilities, self.prerequisites, key=losses.__getitem__)
         ranks = {a: rank for rank, a in enumerate(sorted(abilities, key=losses.__getitem__), start=1)}
-        why = {a: self.reason(a, f"loss {losses[a]:.3f} nats/token, {ranks[a]} of {len(abilities)}") for a in order}
+        why = {
+            a: self.reason(a, f"loss {losses[a]:.3f} nats/token (easiest {ranks[a]} of {len(abilities)})")
+            for a in order
+        }
         return Decision(order, why, {"difficulty": {"loss_per_token": losses}})

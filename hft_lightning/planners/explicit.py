@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from typing_extensions import override
 
 from hft_lightning.planners.base import Decision, Planner
@@ -23,6 +25,10 @@ class Explicit(Planner):
     def __init__(self, reverse: bool = False):
         super().__init__()
         self.reverse = reverse
+
+    @override
+    def check(self, abilities: Sequence[str]) -> None:
+        """Any list of stages has a configured order, repeated abilities included."""
 
     @override
     def order(self, abilities: list[str], probe: Probe | None) -> Decision:

@@ -27,5 +27,5 @@ class Prerequisites(Planner):
     @override
     def order(self, abilities: list[str], probe: Probe | None) -> Decision:
         order = topological_order(abilities, self.prerequisites, key=abilities.index)
-        why = {a: self.reason(a, "ready; ties in config order") for a in order}
+        why = {a: self.reason(a) or "no prerequisites" for a in order}
         return Decision(order, why)
