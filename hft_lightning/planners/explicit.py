@@ -15,7 +15,8 @@ class Explicit(Planner):
 
     Args:
         reverse: Train the single-ability stages last-listed first (mixture stages keep their positions): the
-            reversed order of the same config, for comparing orders.
+            reversed order of the same config, for comparing orders. Stages that train the same ability keep
+            their order among themselves.
 
     Example::
 
