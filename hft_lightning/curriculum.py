@@ -163,6 +163,7 @@ class Curriculum(Callback):
         self._why = {s.name: MIXTURE_WHY for s in self.configured if _single_ability(s) is None}
         self._measurements: dict[str, Any] = {}
         self._probe_cost: dict[str, float] | None = None
+        self._decided_by = type(self.planner).__name__
         self.started = -1
         self.ended = -1
         self._trainer: pl.Trainer | None = None
@@ -351,12 +352,13 @@ class Curriculum(Callback):
         """The plan and how it was decided, as saved in ``report/plan.json``.
 
         Returns:
-            ``planner`` (class name), ``rule`` (which stages the planner moves), ``configured_order`` (stage names),
-            ``stages`` (:meth:`plan`), ``measurements`` (what the planner measured: ``difficulty`` or ``affinity``)
-            and ``probe`` (``examples`` and ``seconds`` the measurement cost; ``None`` if nothing was measured).
+            ``planner`` (the class name of the planner that decided), ``rule`` (which stages the planner moves),
+            ``configured_order`` (stage names), ``stages`` (:meth:`plan`), ``measurements`` (what the planner
+            measured: ``difficulty`` or ``affinity``) and ``probe`` (``examples`` and ``seconds`` the measurement
+            cost; ``None`` if nothing was measured).
         """
         return {
-            "planner": type(self.planner).__name__,
+            "planner": self._decided_by,
             "rule": ORDER_RULE,
             "configured_order": [s.name for s in self.configured],
             "stages": self.plan(),
@@ -374,7 +376,7 @@ class Curriculum(Callback):
             rows.append((str(i), stage.name, trains, str(stage.steps), self._reason(stage)))
         widths = [max(len(row[c]) for row in rows) for c in range(4)]
         lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows]
-        return f"Curriculum plan (planner: {type(self.planner).__name__}{cost}; {ORDER_RULE})\n" + "\n".join(lines)
+        return f"Curriculum plan (planner: {self._decided_by}{cost}; {ORDER_RULE})\n" + "\n".join(lines)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -407,6 +409,7 @@ class Curriculum(Callback):
             self._why = {s["name"]: s["why"] for s in explanation["stages"]}
             self._measurements = explanation["measurements"]
             self._probe_cost = explanation["probe"]
+            self._decided_by = explanation["planner"]
             self.planned = True
         self.started = state_dict["started"]
         self.ended = state_dict["ended"]

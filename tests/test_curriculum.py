@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
-from hft_lightning.planners import Decision, Planner
+from hft_lightning.planners import Decision, Planner, Prerequisites
 from tests.helpers import make_trainer, tiny_module
 
 STAGES = [
@@ -202,3 +202,13 @@ def test_a_resumed_run_keeps_the_checkpoints_plan_without_measuring_again(tiny_d
     assert restored.stages == planned.stages and restored.explanation() == planned.explanation()
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True, msg=name)
+
+
+def test_a_restored_plan_wins_over_another_planner_in_the_config():
+    stages = [Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0})]
+    saved = Curriculum(stages, planner=Prerequisites({"math": ["code"]})).state_dict()
+    curriculum = Curriculum(stages)
+    with pytest.warns(UserWarning, match="decided by Prerequisites; the run continues with the checkpoint's plan"):
+        curriculum.load_state_dict(saved)
+    assert [s.name for s in curriculum.stages] == ["code", "math"]
+    assert curriculum.explanation()["planner"] == "Prerequisites" and curriculum.plan()[1]["why"] == "builds on code"
