@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from hft_lightning.curriculum import DEFAULT_STAGES, Curriculum
 from hft_lightning.data.datamodule import StagedDataModule
-from hft_lightning.errors import find_config_error
+from hft_lightning.errors import ConfigError, find_config_error
 from hft_lightning.module import HFTModule
 
 DEFAULT_ROOT_DIR = "runs/hft"
@@ -62,15 +62,38 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class HFTCLI(LightningCLI):
-    """LightningCLI with the tokenizer of the data linked into the model and the plan checked before any run."""
+    """LightningCLI with the tokenizer of the data linked into the model and the plan checked before any run.
+
+    ``fit --plan_only=true`` decides the curriculum's order (measuring the model if the planner does), prints the
+    plan and saves ``report/plan.json``, and trains nothing.
+    """
 
     def _check_plan(self) -> None:
+        if self.subcommand != "fit" and self.config[self.subcommand].plan_only:
+            raise ConfigError(f"--plan_only applies to fit only, not to {self.subcommand}")
         Curriculum.of(self.trainer).check_abilities(self.datamodule.ability_names)
 
     before_fit = before_validate = before_test = _check_plan
 
+    def fit(self, model: HFTModule, datamodule: StagedDataModule, **kwargs: Any) -> None:
+        """Runs ``trainer.fit``, or with ``--plan_only=true`` only plans: prints the plan and saves plan.json."""
+        if not self.config.fit.plan_only:
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+            return
+        curriculum = Curriculum.of(self.trainer)
+        device = self.trainer.strategy.root_device
+        curriculum.decide(model.to(device), datamodule, self.trainer.precision_plugin.train_step_context)
+        print(curriculum.describe())
+        print(f"Plan saved to {curriculum.save_plan(self.trainer.default_root_dir)}; nothing was trained.")
+
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--plan_only",
+            type=bool,
+            default=False,
+            help="fit only: decide, print and save the curriculum's plan (report/plan.json) without training",
+        )
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
         stages = [asdict(s) for s in DEFAULT_STAGES]
         curriculum = {"class_path": "hft_lightning.Curriculum", "init_args": {"stages": stages}}
@@ -100,5 +123,3 @@ def main(args: list[str] | None = None, run: bool = True) -> HFTCLI:
             raise
         print(f"hft_lightning: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-

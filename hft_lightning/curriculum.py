@@ -12,20 +12,35 @@ announcements are made before the next training batch, so a run resumed from any
 or between a stage's last batch and its end) announces each boundary exactly once. Progress inside a
 stage is derived from ``trainer.global_step``, which Lightning restores, so the data order after a resume
 is exactly the uninterrupted run's.
+
+Order: a :mod:`planner <hft_lightning.planners>` decides the order of the *single-ability* stages (a stage whose
+mixture trains one ability); mixture stages keep their configured positions. A planner that only reads the config
+(explicit, prerequisites) decides when the curriculum is built. A planner that measures the model decides in
+``on_fit_start``: the model is on its device and a checkpoint's state is restored by then, and a restored plan is
+kept, never measured again. ``configure_optimizers`` runs just before that hook, so if the plan moves stages of
+different lengths the optimizers are set up again for the learning-rate schedule to follow the plan; the datamodule
+and the retention callbacks read the stages only once training starts. The plan is printed, saved to
+``report/plan.json`` and kept in :meth:`Curriculum.state_dict`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from hft_lightning.errors import ConfigError
+from hft_lightning.planners import Decision, Explicit, Planner, Probe
+from hft_lightning.report import write_plan
 
 
 @dataclass
@@ -54,6 +69,16 @@ DEFAULT_STAGES = (
 """The embedded default plan. The tiny default model starts from random weights, where real SFT starts from a
 pretrained model: the short mixed ``foundation`` stage stands in for that pretraining. Without it, a model
 trained from scratch on one narrow ability barely learns the next ones (benchmarks/LOG.md, 2026-11-25)."""
+
+
+ORDER_RULE = "single-ability stages are ordered by the planner; mixture stages keep their configured positions"
+MIXTURE_WHY = "mixture: keeps its configured position"
+
+
+def _single_ability(stage: Stage) -> str | None:
+    """The one ability ``stage`` trains, or ``None`` for a mixture of several."""
+    trained = [ability for ability, weight in stage.mixture.items() if weight > 0]
+    return trained[0] if len(trained) == 1 else None
 
 
 def _validate_stages(stages: Sequence[Stage]) -> None:
@@ -109,9 +134,15 @@ class Curriculum(Callback):
     """Runs a plan of stages, one ability (or mixture) each, inside one ``trainer.fit``.
 
     Args:
-        stages: The plan, in training order. Defaults to :data:`DEFAULT_STAGES`: a short foundation stage on an
-            equal mixture of the built-in abilities, one stage per ability (math, code, general), then a unified
-            stage on the mixture.
+        stages: The stages, in the configured order. Defaults to :data:`DEFAULT_STAGES`: a short foundation stage
+            on an equal mixture of the built-in abilities, one stage per ability (math, code, general), then a
+            unified stage on the mixture.
+        planner: Decides the order of the single-ability stages (:mod:`hft_lightning.planners`); mixture stages
+            keep their positions. ``None``: :class:`~hft_lightning.planners.Explicit`, the configured order.
+
+    Attributes:
+        configured: The stages as configured.
+        stages: The stages in training order, once planned (:attr:`planned`); the configured order until then.
 
     Example::
 
@@ -123,12 +154,67 @@ class Curriculum(Callback):
         Trainer(callbacks=[curriculum]).fit(HFTModule(data.tokenizer), datamodule=data)
     """
 
-    def __init__(self, stages: Sequence[Stage] = DEFAULT_STAGES):
+    def __init__(self, stages: Sequence[Stage] = DEFAULT_STAGES, planner: Planner | None = None):
         _validate_stages(stages)
-        self.stages = [Stage(**asdict(s)) for s in stages]
+        self.configured = [Stage(**asdict(s)) for s in stages]
+        self.planner = Explicit() if planner is None else planner
+        self.planner.check(self._abilities_to_order())
+        self.stages = list(self.configured)
+        self.planned = False
+        self._why = {s.name: MIXTURE_WHY for s in self.configured if _single_ability(s) is None}
+        self._measurements: dict[str, Any] = {}
+        self._probe_cost: dict[str, float] | None = None
+        self._decided_by = type(self.planner).__name__
         self.started = -1
         self.ended = -1
         self._trainer: pl.Trainer | None = None
+        if not self.planner.measures:
+            self._adopt(self.planner.order(self._abilities_to_order(), probe=None))
+
+    def _abilities_to_order(self) -> list[str]:
+        """The abilities of the single-ability stages, in configured order."""
+        return [a for a in map(_single_ability, self.configured) if a is not None]
+
+    def _adopt(self, decision: Decision, probe_cost: dict[str, float] | None = None) -> None:
+        abilities = self._abilities_to_order()
+        if sorted(decision.order) != sorted(abilities):
+            raise ValueError(
+                f"{type(self.planner).__name__}.order returned {decision.order}, not an order of {abilities}"
+            )
+        queues = {a: [s for s in self.configured if _single_ability(s) == a] for a in abilities}
+        planned = iter([queues[a].pop(0) for a in decision.order])
+        self.stages = [next(planned) if _single_ability(s) is not None else s for s in self.configured]
+        self._why.update({s.name: decision.why[_single_ability(s)] for s in self.stages if _single_ability(s)})
+        self._measurements = decision.measurements
+        self._probe_cost = probe_cost
+        self.planned = True
+
+    def decide(
+        self,
+        module: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        """Orders the stages with a planner that measures the model (a no-op once :attr:`planned`).
+
+        The probe's cost, its wall-clock seconds and the examples it measured, is kept in the plan.
+
+        Args:
+            module: The :class:`~hft_lightning.HFTModule` to measure, on the device to measure on.
+            datamodule: The :class:`~hft_lightning.StagedDataModule` whose held-out examples are measured.
+            context: Entered around every forward pass (the trainer's precision context).
+        """
+        if self.planned:
+            return
+        probe = Probe(module, datamodule, context)
+        start = time.perf_counter()
+        abilities = self._abilities_to_order()
+        decision = (
+            self.planner.order(abilities, probe)
+            if len(abilities) > 1
+            else Decision(abilities, dict.fromkeys(abilities, "the only single-ability stage"))
+        )
+        self._adopt(decision, {"examples": probe.examples_used, "seconds": round(time.perf_counter() - start, 3)})
 
     @staticmethod
     def of(trainer: pl.Trainer) -> Curriculum:
@@ -183,6 +269,15 @@ class Curriculum(Callback):
                     f"declared in data.abilities: {list(abilities)}"
                 )
 
+    @property
+    def affinity(self) -> dict[str, dict[str, float]] | None:
+        """The gradient affinity of the abilities (``affinity[a][b]``, a cosine) if the plan measured it."""
+        measured = self._measurements.get("affinity")
+        if measured is None:
+            return None
+        names = measured["abilities"]
+        return {a: dict(zip(names, row, strict=True)) for a, row in zip(names, measured["matrix"], strict=True)}
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -194,6 +289,25 @@ class Curriculum(Callback):
             self.check_abilities(datamodule.ability_names)
         trainer.fit_loop.max_epochs = len(self.stages)
         trainer.reload_dataloaders_every_n_epochs = 1
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.planned:
+            lengths = [s.steps for s in self.stages]
+            self.decide(pl_module, trainer.datamodule, trainer.precision_plugin.train_step_context)
+            if [s.steps for s in self.stages] != lengths:  # the schedule configure_optimizers built is per stage
+                trainer.strategy.setup_optimizers(trainer)
+        rank_zero_info(self.describe())
+        if trainer.is_global_zero:
+            self.save_plan(trainer.default_root_dir)
+
+    def save_plan(self, root_dir: str | Path) -> Path:
+        """Writes ``plan.json`` (:meth:`explanation`), and the affinity heatmap if measured, to ``root_dir/report``.
+
+        Returns:
+            The path of ``plan.json``.
+        """
+        return write_plan(Path(root_dir) / "report", self.explanation())
 
     def _announce(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hook: str, index: int) -> None:
         for callback in trainer.callbacks:
@@ -229,19 +343,74 @@ class Curriculum(Callback):
             self._announce(trainer, pl_module, "on_stage_end", self.ended)
 
     def plan(self) -> list[dict[str, Any]]:
-        """The stage plan as plain data (for reports and logs)."""
-        return [asdict(s) for s in self.stages]
+        """The stages in training order as plain data, each with why it is there (for reports and logs)."""
+        return [{**asdict(s), "why": self._reason(s)} for s in self.stages]
+
+    def _reason(self, stage: Stage) -> str:
+        return self._why.get(stage.name, "not planned yet: the planner measures the model at the start of fit")
+
+    def explanation(self) -> dict[str, Any]:
+        """The plan and how it was decided, as saved in ``report/plan.json``.
+
+        Returns:
+            ``planner`` (the class name of the planner that decided), ``rule`` (which stages the planner moves),
+            ``configured_order`` (stage names), ``stages`` (:meth:`plan`), ``measurements`` (what the planner
+            measured: ``difficulty`` or ``affinity``) and ``probe`` (``examples`` and ``seconds`` the measurement
+            cost; ``None`` if nothing was measured).
+        """
+        return {
+            "planner": self._decided_by,
+            "rule": ORDER_RULE,
+            "configured_order": [s.name for s in self.configured],
+            "stages": self.plan(),
+            "measurements": self._measurements,
+            "probe": self._probe_cost,
+        }
+
+    def describe(self) -> str:
+        """The plan as a text table: stage, what it trains, steps and why."""
+        probe = self._probe_cost
+        cost = f"; probe: {probe['examples']} examples in {probe['seconds']:.2f} s" if probe else ""
+        rows = [("#", "stage", "trains", "steps", "why")]
+        for i, stage in enumerate(self.stages, start=1):
+            trains = _single_ability(stage) or "mixture"
+            rows.append((str(i), stage.name, trains, str(stage.steps), self._reason(stage)))
+        widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows]
+        return f"Curriculum plan (planner: {self._decided_by}{cost}; {ORDER_RULE})\n" + "\n".join(lines)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"stages": self.plan(), "started": self.started, "ended": self.ended}
+        return {
+            "configured": [asdict(s) for s in self.configured],
+            "planned": self.planned,
+            "order": [s.name for s in self.stages],
+            "explanation": self.explanation(),
+            "started": self.started,
+            "ended": self.ended,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["stages"] != self.plan():
+        configured = [asdict(s) for s in self.configured]
+        if state_dict["configured"] != configured:
             raise ConfigError(
                 "Curriculum.stages differ from the checkpoint's plan; resume with the same stages.\n"
-                f"checkpoint: {state_dict['stages']}\nconfig:     {self.plan()}"
+                f"checkpoint: {state_dict['configured']}\nconfig:     {configured}"
             )
+        if state_dict["planned"]:
+            explanation = state_dict["explanation"]
+            if explanation["planner"] != type(self.planner).__name__:
+                rank_zero_warn(
+                    f"Curriculum.planner is {type(self.planner).__name__} but the checkpoint's plan was decided by "
+                    f"{explanation['planner']}; the run continues with the checkpoint's plan"
+                )
+            by_name = {s.name: s for s in self.configured}
+            self.stages = [by_name[name] for name in state_dict["order"]]
+            self._why = {s["name"]: s["why"] for s in explanation["stages"]}
+            self._measurements = explanation["measurements"]
+            self._probe_cost = explanation["probe"]
+            self._decided_by = explanation["planner"]
+            self.planned = True
         self.started = state_dict["started"]
         self.ended = state_dict["ended"]

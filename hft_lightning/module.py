@@ -182,6 +182,13 @@ class HFTModule(pl.LightningModule):
         self._log_scores("test", self._compute_scores())
 
     @override
+    def on_fit_start(self) -> None:
+        # A curriculum whose planner measures the model orders its stages in its own on_fit_start, which Lightning
+        # runs before this hook and after setup(): the stage that first trains each ability is known only now.
+        curriculum = Curriculum.of(self.trainer)
+        self.accuracy_matrix.learned_at = tuple(curriculum.learned_at(name) for name in self.accuracy_matrix.abilities)
+
+    @override
     def on_train_start(self) -> None:
         # Rows measurable now: "before" at step 0, and after a resume exactly at a stage boundary, the row of the
         # stage that just ended (Lightning does not rerun an epoch-end validation a checkpoint was taken before).
@@ -211,10 +218,11 @@ class HFTModule(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         derived = self.accuracy_matrix.compute()
+        curriculum = Curriculum.of(self.trainer)
         report = write_report(
             Path(self.trainer.default_root_dir) / "report",
             abilities=self.ability_names,
-            stages=Curriculum.of(self.trainer).plan(),
+            stages=curriculum.plan(),
             before=self._by_ability(self.accuracy_matrix.before),
             accuracy_matrix=[self._by_ability(row) for row in self.accuracy_matrix.stage_rows],
             derived={
@@ -223,6 +231,7 @@ class HFTModule(pl.LightningModule):
                 "bwt": derived["bwt"].item(),
                 "fwt": derived["fwt"].item(),
             },
+            planning=curriculum.explanation(),
         )
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
 

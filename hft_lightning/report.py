@@ -3,11 +3,16 @@
 ``write_report`` turns the plan and the accuracy matrix into a folder a person reads and a tool parses:
 
 - ``metrics.json``: the contract other tools read. Keys ``abilities``, ``stages``, ``before``, ``accuracy_matrix``,
-  ``average_accuracy``, ``forgetting``, ``bwt``, ``fwt``, plus ``plan`` (the stages with their mixture and steps).
-  A score that was never recorded (NaN) is written as ``null``: strict JSON has no NaN.
+  ``average_accuracy``, ``forgetting``, ``bwt``, ``fwt``, plus ``plan`` (the stages with their mixture, steps and,
+  when the curriculum gives it, ``why``: the reason for each stage's place). A score that was never recorded (NaN)
+  is written as ``null``: strict JSON has no NaN.
 - ``accuracy_matrix.png``: the matrix as a heatmap, colour scale fixed to [0, 1] so two reports compare by eye.
 - ``ability_curves.png``: one line per ability across the stages, the stretch each stage trains shaded.
 - ``summary.md``: the plan, the matrix and the derived numbers as markdown, with both images embedded.
+
+``write_plan`` writes what is known before training, when the curriculum has decided its order: ``plan.json`` (the
+stages in training order, why each is where it is, what the planner measured and what the measurement cost) and,
+when the planner measured gradient affinity, ``affinity.png``.
 
 Everything is rendered in memory first, then each file is written to a temporary name in the same directory and
 moved into place with ``os.replace`` (atomic on POSIX and Windows): an interrupted write leaves the previous
@@ -44,18 +49,21 @@ def write_report(
     before: Sequence[float],
     accuracy_matrix: Sequence[Sequence[float]],
     derived: Mapping[str, Any],
+    planning: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``metrics.json``, ``accuracy_matrix.png``, ``ability_curves.png`` and ``summary.md`` into a folder.
 
     Args:
         directory: The report folder, created if needed; files of an earlier report in it are replaced.
         abilities: Ability names, one per column of the matrix.
-        stages: The plan that ran, one mapping per stage with ``name`` (str), ``mixture`` (ability -> weight) and
-            ``steps`` (int); other keys are ignored.
+        stages: The plan that ran, one mapping per stage with ``name`` (str), ``mixture`` (ability -> weight),
+            ``steps`` (int) and optionally ``why`` (str, the reason for its place); other keys are ignored.
         before: Scores before training, one per ability, in [0, 1]; NaN or ``None`` where not measured.
         accuracy_matrix: One row per stage, one score in [0, 1] per ability (NaN or ``None`` where not measured).
         derived: ``average_accuracy``, ``bwt``, ``fwt`` (numbers) and ``forgetting`` (ability -> number), for
             example the values of :class:`hft_lightning.metrics.AccuracyMatrix` ``.compute()``.
+        planning: How the order was decided, as written by :func:`write_plan` (``planner``, ``probe``,
+            ``measurements``): summarised in ``summary.md``, with the affinity heatmap when there is one.
 
     Returns:
         The report folder.
@@ -89,7 +97,7 @@ def write_report(
     files = {  # insertion order is write order: metrics.json last
         "accuracy_matrix.png": _png(_heatmap(abilities, stage_names, before_row, matrix)),
         "ability_curves.png": _png(_curves(abilities, plan, before_row, matrix)),
-        "summary.md": _summary(abilities, plan, before_row, matrix, numbers).encode(),
+        "summary.md": _summary(abilities, plan, before_row, matrix, numbers, planning).encode(),
         "metrics.json": (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode(),
     }
     directory = Path(directory)
@@ -97,6 +105,47 @@ def write_report(
     for name, content in files.items():
         _replace_atomically(directory / name, content)
     return directory
+
+
+def write_plan(directory: str | Path, plan: Mapping[str, Any]) -> Path:
+    """Write ``plan.json`` and, when the plan measured gradient affinity, ``affinity.png`` into a folder.
+
+    Args:
+        directory: The report folder, created if needed. An ``affinity.png`` of an earlier plan is removed when this
+            plan has no affinity, so the folder never shows a matrix that did not decide this plan.
+        plan: The plan, JSON-serialisable: :meth:`hft_lightning.Curriculum.explanation`. Its ``measurements`` may
+            hold ``affinity``: ``abilities`` (k names) and ``matrix`` (k x k cosines in [-1, 1]).
+
+    Returns:
+        The path of ``plan.json``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    affinity = plan.get("measurements", {}).get("affinity")
+    if affinity is None:
+        (directory / "affinity.png").unlink(missing_ok=True)
+    else:
+        _replace_atomically(
+            directory / "affinity.png", _png(_affinity_heatmap(affinity["abilities"], affinity["matrix"]))
+        )
+    _replace_atomically(directory / "plan.json", (json.dumps(plan, indent=2, allow_nan=False) + "\n").encode())
+    return directory / "plan.json"
+
+
+def _affinity_heatmap(abilities: list[str], matrix: list[list[float]]) -> Figure:
+    figure = Figure(figsize=(2.2 + 1.15 * len(abilities), 1.5 + 0.55 * len(abilities)), layout="constrained")
+    ax = figure.add_subplot()
+    values = np.array(matrix, dtype=float)
+    image = ax.imshow(values, cmap="RdBu", vmin=-1.0, vmax=1.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{value:+.2f}", ha="center", va="center", color="white" if abs(value) > 0.6 else "black")
+    ax.set_xticks(range(len(abilities)), abilities, **_tick_style(abilities, top=True))
+    ax.set_yticks(range(len(abilities)), abilities)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    ax.set_title("Gradient affinity (cosine) before training", fontweight="bold")
+    figure.colorbar(image, ax=ax, label="cosine", fraction=0.08, pad=0.03)
+    return figure
 
 
 def _abilities(abilities: Sequence[str]) -> list[str]:
@@ -128,6 +177,10 @@ def _plan(stages: Sequence[Mapping[str, Any]], abilities: list[str]) -> list[dic
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"stages[{i}]['steps'] must be an int, got {steps!r}")
         plan.append({"name": name, "mixture": {a: float(w) for a, w in mixture.items()}, "steps": steps})
+        if "why" in stage:
+            if not isinstance(stage["why"], str):
+                raise ValueError(f"stages[{i}]['why'] must be a string, got {stage['why']!r}")
+            plan[-1]["why"] = stage["why"]
     return plan
 
 
@@ -269,19 +322,23 @@ def _summary(
     before: list[float],
     matrix: list[list[float]],
     numbers: dict[str, Any],
+    planning: Mapping[str, Any] | None,
 ) -> str:
     forgetting = numbers["forgetting"]
     measured = {name: value for name, value in forgetting.items() if not math.isnan(value)}
     worst = max(measured, key=measured.__getitem__) if measured else None
+    why = any("why" in s for s in plan)
     lines = [
         "# Hierarchical fine-tuning report",
         "",
         "## Plan",
         "",
-        "| stage | mixture | steps |",
-        "| --- | --- | ---: |",
+        *_planning_lines(planning),
+        "| stage | mixture | steps |" + (" why |" if why else ""),
+        "| --- | --- | ---: |" + (" --- |" if why else ""),
         *(
             f"| {_cell(s['name'])} | {_cell(', '.join(f'{a} {w:g}' for a, w in s['mixture'].items()))} | {s['steps']} |"
+            + (f" {_cell(s.get('why', ''))} |" if why else "")
             for s in plan
         ),
         "",
@@ -321,6 +378,19 @@ def _summary(
         "",
     ]
     return "\n".join(lines)
+
+
+def _planning_lines(planning: Mapping[str, Any] | None) -> list[str]:
+    """How the order was decided, above the plan table: the planner, the probe's cost, the affinity heatmap."""
+    if planning is None:
+        return []
+    probe = planning.get("probe")
+    cost = f" (probe: {probe['examples']} examples, {probe['seconds']:.2f} s)" if probe else ""
+    lines = [f"Order decided by the **{_cell(planning['planner'])}** planner{cost}: {planning['rule']}; "
+             "`plan.json` holds the measurements.", ""]  # fmt: skip
+    if "affinity" in planning.get("measurements", {}):
+        lines += ["![Gradient affinity](affinity.png)", ""]
+    return lines
 
 
 def _format(x: float) -> str:

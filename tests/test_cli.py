@@ -84,8 +84,10 @@ trainer:
     [
         ("data:\n  abilities: [builtin:math, builtin:poetry]\n", "unknown ability source 'builtin:poetry'; allowed"),
         ("data:\n  abilities: []\n", "data.abilities is empty"),
-        ("data:\n  abilities: [builtin:math, {name: x, train: /nonexistent.jsonl, scorer: none}]\n",
-         r"data\.abilities\['x'\]\.train: /nonexistent\.jsonl does not exist"),
+        (
+            "data:\n  abilities: [builtin:math, {name: x, train: /nonexistent.jsonl, scorer: none}]\n",
+            r"data\.abilities\['x'\]\.train: /nonexistent\.jsonl does not exist",
+        ),
         (_stages(), "the stage plan is empty"),
         (_stages("{name: m, steps: 0, mixture: {math: 1.0}}"), r"stages\[0\] \('m'\).steps must be a positive"),
         (_stages("{name: m, steps: 5, mixture: {math: -1.0}}"), r"mixture\['math'\] must be a finite weight >= 0"),
@@ -138,3 +140,24 @@ def test_the_default_logger_is_wandb_offline_or_csv_without_wandb(monkeypatch):
     real_find_spec = cli.importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
     assert cli.default_logger()["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+
+
+def test_plan_only_prints_and_saves_the_plan_without_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = ROOT / "configs" / "planners" / "affinity.yaml"
+    main(["fit", "--config", str(config), "--plan_only=true", f"--trainer.default_root_dir={tmp_path}", *TINY_FLAGS])
+    printed = capsys.readouterr().out
+    assert "Curriculum plan (planner: Affinity; probe: 12 examples in" in printed  # data.num_val=4 of 32 asked
+    assert re.search(r"2  \w+ +\w+ +300 +first of the chain", printed), printed
+    plan = json.loads((tmp_path / "report" / "plan.json").read_text())
+    assert [s["name"] for s in plan["stages"]][::4] == ["foundation", "unified"]
+    assert plan["measurements"]["affinity"]["abilities"] == ["math", "code", "general"]
+    assert (tmp_path / "report" / "affinity.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["affinity.png", "plan.json"]  # no training
+
+
+def test_plan_only_is_refused_outside_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--plan_only=true", f"--trainer.default_root_dir={tmp_path}", *TINY_FLAGS])
+    assert exit_info.value.code == 2
+    assert "--plan_only applies to fit only, not to validate" in capsys.readouterr().err

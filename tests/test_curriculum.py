@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
+from hft_lightning.planners import Decision, Planner, Prerequisites
 from tests.helpers import make_trainer, tiny_module
 
 STAGES = [
@@ -135,3 +136,79 @@ def test_trainer_settings_that_break_the_plan_are_refused(tiny_data, tmp_path, o
     with pytest.raises(ConfigError, match=message):
         trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
     assert trainer.global_step == 0
+
+
+class ConfigOrderReversed(Planner):
+    """A measuring planner with a known answer: the configured order reversed; counts its probe calls."""
+
+    measures = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def order(self, abilities, probe):
+        self.calls += 1
+        losses = {a: probe.loss(a, examples=2, batch_size=2) for a in abilities}
+        return Decision(abilities[::-1], {a: f"loss {loss:.3f}" for a, loss in losses.items()}, {"difficulty": losses})
+
+
+UNEQUAL = [
+    Stage("warmup", 2, {"math": 1.0, "general": 1.0}),
+    Stage("math", 1, {"math": 1.0}),
+    Stage("code", 3, {"code": 1.0}),
+]
+
+
+def test_a_measured_plan_is_decided_at_fit_start_and_everything_follows_it(tiny_data, tmp_path):
+    curriculum = Curriculum(UNEQUAL, planner=ConfigOrderReversed())
+    assert not curriculum.planned
+    recorder = Recorder(tiny_data.tokenizer)
+    trainer = make_trainer(tmp_path, [curriculum, recorder])
+    module = tiny_module(tiny_data)
+    trainer.fit(module, datamodule=tiny_data)
+    assert [s.name for s in curriculum.stages] == ["warmup", "code", "math"] and curriculum.planner.calls == 1
+    assert [e for e in recorder.events if e[0] == "start"] == [("start", "warmup", 0), ("start", "code", 2),
+                                                                ("start", "math", 5)]  # fmt: skip
+    assert all("Write a Python function" in text for text in recorder.prompts["code"])
+    assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].starts == [0, 2, 5, 6]  # the planned lengths
+    assert module.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
+
+    plan = json.loads((tmp_path / "report" / "plan.json").read_text())
+    assert plan["planner"] == "ConfigOrderReversed" and plan["configured_order"] == ["warmup", "math", "code"]
+    assert [s["name"] for s in plan["stages"]] == ["warmup", "code", "math"]
+    assert plan["probe"]["examples"] == 4 and plan["probe"]["seconds"] >= 0
+    assert set(plan["measurements"]["difficulty"]) == {"math", "code"}  # the single-ability stages only
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["stages"] == ["warmup", "code", "math"]
+    assert metrics["plan"][1]["why"] == plan["stages"][1]["why"]
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "**ConfigOrderReversed** planner (probe: 4 examples" in summary and "| code | code 1 | 3 | loss" in summary
+
+
+def test_a_resumed_run_keeps_the_checkpoints_plan_without_measuring_again(tiny_data, tmp_path):
+    def fit(root, ckpt_path=None, checkpoint=None):
+        curriculum = Curriculum(UNEQUAL, planner=ConfigOrderReversed())
+        trainer = make_trainer(root, [curriculum, *([checkpoint] if checkpoint else [])],
+                               enable_checkpointing=checkpoint is not None)  # fmt: skip
+        module = tiny_module(tiny_data)
+        trainer.fit(module, datamodule=tiny_data, ckpt_path=ckpt_path)
+        return module, curriculum
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    uninterrupted, planned = fit(tmp_path / "a", checkpoint=checkpoint)
+    resumed, restored = fit(tmp_path / "b", ckpt_path=str(next((tmp_path / "ckpt").glob("*step=3.ckpt"))))
+    assert restored.planner.calls == 0 and restored.planned
+    assert restored.stages == planned.stages and restored.explanation() == planned.explanation()
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True, msg=name)
+
+
+def test_a_restored_plan_wins_over_another_planner_in_the_config():
+    stages = [Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0})]
+    saved = Curriculum(stages, planner=Prerequisites({"math": ["code"]})).state_dict()
+    curriculum = Curriculum(stages)
+    with pytest.warns(UserWarning, match="decided by Prerequisites; the run continues with the checkpoint's plan"):
+        curriculum.load_state_dict(saved)
+    assert [s.name for s in curriculum.stages] == ["code", "math"]
+    assert curriculum.explanation()["planner"] == "Prerequisites" and curriculum.plan()[1]["why"] == "builds on code"

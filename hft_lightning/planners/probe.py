@@ -1,0 +1,104 @@
+"""Measurements of the model before training, on a small held-out sample of each ability.
+
+A measured planner sees each ability through a :class:`Probe`: the validation loss per response token (how hard the
+ability is for the base model) and the gradient of that loss (where training on it would move the weights). The
+sample is ``examples`` validation examples drawn with a generator seeded by ``data.seed``, so the same model gives
+the same measurements on every run; nothing draws from the global random state, so training after the probe is
+the same as without it. Losses are taken under ``torch.no_grad``, the model in eval mode; gradients come from
+``torch.autograd.grad``, so ``p.grad`` is never touched (the same quantity as
+:func:`hft_lightning.retention.gradients.loss_gradient`, on held-out examples, with no trainer needed, which lets
+``fit --plan_only`` measure before any trainer is attached).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from hft_lightning.data.sft import IGNORE_INDEX
+
+
+class Probe:
+    """Measures the model on held-out examples of each ability.
+
+    Args:
+        module: The :class:`~hft_lightning.HFTModule` (its ``sft_loss``), on the device to measure on.
+        datamodule: The :class:`~hft_lightning.StagedDataModule` (its validation splits and ``seed``).
+        context: Entered around every forward pass: the trainer's precision context (autocast under
+            ``bf16-mixed``); none by default.
+
+    Attributes:
+        examples_used: Examples measured so far (an example measured twice counts twice): the probe's cost.
+
+    Example::
+
+        probe = Probe(module, data)
+        probe.loss("math", examples=32, batch_size=8)  # nats per response token
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        self.module = module
+        self.datamodule = datamodule
+        self.context = context
+        self.examples_used = 0
+
+    def batches(self, ability: str, examples: int, batch_size: int) -> Iterator[dict[str, Any]]:
+        """Batches of a seeded sample of ``examples`` validation examples of ``ability``, on the module's device."""
+        loader = self.datamodule.val_dataloader()[self.datamodule.ability_names.index(ability)]
+        generator = torch.Generator().manual_seed(self.datamodule.seed)
+        sample = torch.randperm(len(loader.dataset), generator=generator)[:examples].tolist()
+        for start in range(0, len(sample), batch_size):
+            batch = loader.collate_fn([loader.dataset[i] for i in sample[start : start + batch_size]])
+            self.examples_used += len(batch["input_ids"])
+            yield self.module.transfer_batch_to_device(batch, self.module.device, 0)
+
+    @torch.no_grad()
+    def loss(self, ability: str, examples: int, batch_size: int) -> float:
+        """The model's mean cross-entropy per response token on the sample of ``ability``, in nats."""
+        total, tokens = 0.0, 0
+        with self._eval_mode():
+            for batch in self.batches(ability, examples, batch_size):
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the tokens sft_loss averages over
+                with self.context():
+                    total += float(self.module.sft_loss(batch)) * count
+                tokens += count
+        return total / tokens
+
+    def gradient(self, ability: str, examples: int, batch_size: int) -> list[torch.Tensor]:
+        """The gradient of the loss on the sample of ``ability``, fp32, one tensor per trainable parameter.
+
+        Each batch's mean-token loss gradient is weighted by its share of the examples.
+        """
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        count = 0
+        with self._eval_mode():
+            for batch in self.batches(ability, examples, batch_size):
+                with torch.enable_grad(), self.context():
+                    loss = self.module.sft_loss(batch)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                size = len(batch["input_ids"])
+                for acc, grad in zip(total, grads, strict=True):
+                    if grad is not None:
+                        acc.add_(grad.float(), alpha=size)
+                count += size
+        torch._foreach_div_(total, count)
+        return total
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        training = self.module.training
+        self.module.eval()
+        try:
+            yield
+        finally:
+            self.module.train(training)
