@@ -84,8 +84,10 @@ trainer:
     [
         ("data:\n  abilities: [builtin:math, builtin:poetry]\n", "unknown ability source 'builtin:poetry'; allowed"),
         ("data:\n  abilities: []\n", "data.abilities is empty"),
-        ("data:\n  abilities: [builtin:math, {name: x, train: /nonexistent.jsonl, scorer: none}]\n",
-         r"data\.abilities\['x'\]\.train: /nonexistent\.jsonl does not exist"),
+        (
+            "data:\n  abilities: [builtin:math, {name: x, train: /nonexistent.jsonl, scorer: none}]\n",
+            r"data\.abilities\['x'\]\.train: /nonexistent\.jsonl does not exist",
+        ),
         (_stages(), "the stage plan is empty"),
         (_stages("{name: m, steps: 0, mixture: {math: 1.0}}"), r"stages\[0\] \('m'\).steps must be a positive"),
         (_stages("{name: m, steps: 5, mixture: {math: -1.0}}"), r"mixture\['math'\] must be a finite weight >= 0"),

@@ -153,8 +153,9 @@ def test_skip_bad_lines_keeps_every_valid_record_and_warns_with_the_count(tmp_pa
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines))
     with pytest.warns(UserWarning) as warnings:
-        ability = _load(path, val=str(write_jsonl(tmp_path / "val.jsonl", records("prompt_response", 2))),
-                        skip_bad_lines=True)
+        ability = _load(
+            path, val=str(write_jsonl(tmp_path / "val.jsonl", records("prompt_response", 2))), skip_bad_lines=True
+        )
     [message] = [str(w.message) for w in warnings]
     assert message.startswith(
         f"data.abilities['mine'].train: skipped 2 bad records (skip_bad_lines); the first: {path}:4: malformed JSON"

@@ -80,7 +80,10 @@ data:
     sources = cli.config.data.abilities
     assert sources[0] == "builtin:math"
     assert (sources[2].name, sources[2].shape, sources[2].val_fraction, sources[2].skip_bad_lines) == (
-        "words", "messages", 0.5, True
+        "words",
+        "messages",
+        0.5,
+        True,
     )
 
 
