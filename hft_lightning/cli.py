@@ -62,7 +62,7 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class HFTCLI(LightningCLI):
-    """LightningCLI with the tokenizer of the data linked into the model and the plan checked before any run."""
+    """LightningCLI with the model's checkpoint and the data's tokenizer linked, and the plan checked before any run."""
 
     def _check_plan(self) -> None:
         Curriculum.of(self.trainer).check_abilities(self.datamodule.ability_names)
@@ -71,6 +71,8 @@ class HFTCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One field names the model: the data module loads the same checkpoint's tokenizer.
+        parser.link_arguments("model.name_or_path", "data.tokenizer_name_or_path", apply_on="parse")
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
         stages = [asdict(s) for s in DEFAULT_STAGES]
         curriculum = {"class_path": "hft_lightning.Curriculum", "init_args": {"stages": stages}}
@@ -100,5 +102,3 @@ def main(args: list[str] | None = None, run: bool = True) -> HFTCLI:
             raise
         print(f"hft_lightning: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-

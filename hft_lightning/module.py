@@ -99,6 +99,8 @@ class HFTModule(pl.LightningModule):
             raise ConfigError("model.lora adapts a pretrained model: set model.name_or_path too")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
+        self.name_or_path = name_or_path
+        self.lora = lora
         if name_or_path is None:
             config = LlamaConfig(
                 vocab_size=len(tokenizer),
@@ -254,7 +256,7 @@ class HFTModule(pl.LightningModule):
         )
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
         root = Path(self.trainer.default_root_dir)
-        saved = save_model(root / "model", self.model, self.tokenizer, self.hparams.lora, self.hparams.name_or_path)
+        saved = save_model(root / "model", self.model, self.tokenizer, self.lora, self.name_or_path)
         rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
 
     def _by_ability(self, scores: torch.Tensor) -> list[float]:
