@@ -6,7 +6,9 @@ conversation instead: an assistant turn is what the full rendering adds after th
 with the generation prompt, that is, the turn's content and the template's end-of-turn marker, exactly what the model
 must generate after the assistant header (:func:`assistant_spans`). Prompt tokens, role markers and template glue
 never contribute to the loss. For a template that does mark generation, this is the same mask as
-``apply_chat_template(..., return_assistant_tokens_mask=True)`` (tested on the embedded tokenizer).
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` (tested on the embedded tokenizer). It costs
+``2k + 1`` renderings for ``k`` assistant turns: 0.79 ms per single-turn built-in example against 0.51 ms for the
+one rendering of the generation mask (measured on the shared 2-core machine under load), done lazily per batch.
 
 Sequences longer than ``max_length`` tokens are truncated, as TRL's ``max_length`` and LLaMA-Factory's ``cutoff_len``
 do: training keeps the first ``max_length`` tokens, generation prompts the last ones, and each dataset counts what
