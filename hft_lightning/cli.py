@@ -62,7 +62,7 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class HFTCLI(LightningCLI):
-    """LightningCLI with the tokenizer of the data linked into the model and the plan checked before any run.
+    """LightningCLI with the model's checkpoint and the data's tokenizer linked, and the plan checked before any run.
 
     ``fit --plan_only=true`` decides the curriculum's order (measuring the model if the planner does), prints the
     plan and saves ``report/plan.json``, and trains nothing.
@@ -94,6 +94,8 @@ class HFTCLI(LightningCLI):
             default=False,
             help="fit only: decide, print and save the curriculum's plan (report/plan.json) without training",
         )
+        # One field names the model: the data module loads the same checkpoint's tokenizer.
+        parser.link_arguments("model.name_or_path", "data.tokenizer_name_or_path", apply_on="parse")
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
         stages = [asdict(s) for s in DEFAULT_STAGES]
         curriculum = {"class_path": "hft_lightning.Curriculum", "init_args": {"stages": stages}}

@@ -1,12 +1,16 @@
 """The LightningModule of a Hierarchical Fine-Tuning run.
 
-A causal LM is trained on masked SFT batches and evaluated by generation on every ability.
+A causal LM is trained on masked SFT batches and evaluated by generation on every ability. The model is any
+``AutoModelForCausalLM`` checkpoint (``name_or_path``, loaded in fp32: mixed precision keeps fp32 master weights),
+optionally with LoRA adapters (:class:`~hft_lightning.lora.LoRA`), or the embedded default: a tiny LLaMA-style
+model built from a config, trained from scratch.
 
 Evaluation runs greedy batched generation (KV cache) on each ability's validation split and scores it
 with that ability's scorer. The scores after each stage fill one row of the accuracy matrix. The row of
 scores before training is measured at the start of ``fit``, once: a resumed run keeps the rows it
 checkpointed, and a run resumed exactly at a stage boundary measures the row whose validation Lightning
-skips on such a restart. At the end of ``fit`` the report is written to ``<default_root_dir>/report``.
+skips on such a restart. At the end of ``fit`` the report is written to ``<default_root_dir>/report`` and the
+model with its tokenizer to ``<default_root_dir>/model`` (:func:`~hft_lightning.export.save_model`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from typing_extensions import override
 
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.errors import ConfigError
+from hft_lightning.export import save_model
+from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from hft_lightning.report import write_report
@@ -32,15 +45,18 @@ from hft_lightning.schedule import StageSchedule
 
 
 class HFTModule(pl.LightningModule):
-    """A small LLaMA-style causal LM built from a config, fine-tuned stage by stage.
+    """A causal LM fine-tuned stage by stage: a pretrained checkpoint, or a small LLaMA-style model from a config.
 
     Args:
         tokenizer: Tokenizer with a chat template (linked from ``data.tokenizer`` by the CLI).
-        hidden_size: Width of the transformer.
-        num_layers: Number of decoder layers.
-        num_heads: Attention heads (also key/value heads).
-        intermediate_size: Width of the MLP.
-        max_position_embeddings: Longest sequence the model handles.
+        name_or_path: A Hugging Face Hub name or a local ``save_pretrained`` folder of any causal LM; the CLI loads
+            its tokenizer into the data module. ``None``: the embedded tiny model, shaped by the arguments below.
+        lora: Train LoRA adapters instead of every weight (needs ``name_or_path`` and peft).
+        hidden_size: Width of the embedded model's transformer.
+        num_layers: Number of the embedded model's decoder layers.
+        num_heads: The embedded model's attention heads (also key/value heads).
+        intermediate_size: Width of the embedded model's MLP.
+        max_position_embeddings: Longest sequence the embedded model handles.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps at the start of every stage, constant afterwards
@@ -56,6 +72,8 @@ class HFTModule(pl.LightningModule):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
+        name_or_path: str | None = None,
+        lora: LoRA | None = None,
         hidden_size: int = 192,
         num_layers: int = 3,
         num_heads: int = 4,
@@ -77,28 +95,40 @@ class HFTModule(pl.LightningModule):
             raise ConfigError(
                 f"model.warmup_steps and model.weight_decay must be >= 0, got {warmup_steps} and {weight_decay}"
             )
+        if lora is not None and name_or_path is None:
+            raise ConfigError("model.lora adapts a pretrained model: set model.name_or_path too")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_position_embeddings,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-        )
-        self.model = LlamaForCausalLM(config)
-        self.model.generation_config = GenerationConfig(
+        self.name_or_path = name_or_path
+        self.lora = lora
+        if name_or_path is None:
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=num_heads,
+                num_key_value_heads=num_heads,
+                intermediate_size=intermediate_size,
+                max_position_embeddings=max_position_embeddings,
+                tie_word_embeddings=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None,
+            )
+            model = LlamaForCausalLM(config)
+        else:
+            model = _load_pretrained(name_or_path, tokenizer)
+        # Generation stops at the tokenizer's end of sequence and at the checkpoint's own stop tokens (an
+        # instruct model's end of turn). Evaluation decodes greedily; the saved model keeps its own config.
+        stop = model.generation_config.eos_token_id
+        stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+        self.generation_config = GenerationConfig(
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=list(dict.fromkeys([tokenizer.eos_token_id, *stop])),
         )
+        self.model = model if lora is None else lora.wrap(model)
         self.ability_names: list[str] = []
         self.ability_scores = nn.ModuleDict()
         self.accuracy_matrix: AccuracyMatrix | None = None
@@ -128,7 +158,9 @@ class HFTModule(pl.LightningModule):
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[str]:
         """Greedy batched generation from left-padded prompts; returns the decoded responses."""
-        output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_attention_mask)
+        output = self.model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_attention_mask, generation_config=self.generation_config
+        )
         return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
 
     def _score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
@@ -234,6 +266,9 @@ class HFTModule(pl.LightningModule):
             planning=curriculum.explanation(),
         )
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
+        root = Path(self.trainer.default_root_dir)
+        saved = save_model(root / "model", self.model, self.tokenizer, self.lora, self.name_or_path)
+        rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
 
     def _by_ability(self, scores: torch.Tensor) -> list[float]:
         """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
@@ -243,10 +278,31 @@ class HFTModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
+        trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
+            trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
         stage_steps = [stage.steps for stage in Curriculum.of(self.trainer).stages]
         schedule = StageSchedule(stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _load_pretrained(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Loads a causal LM in fp32 and checks that its embeddings cover the tokenizer.
+
+    Raises:
+        ConfigError: Naming ``model.name_or_path``, if the model cannot be loaded or has fewer embeddings than
+            the tokenizer has tokens.
+    """
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path).float().train()  # loaded in eval mode
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.name_or_path: cannot load a causal LM from {name_or_path!r}: {error}") from None
+    embeddings = model.get_input_embeddings().num_embeddings
+    if embeddings < len(tokenizer):
+        raise ConfigError(
+            f"model.name_or_path: {name_or_path!r} has {embeddings} token embeddings but its tokenizer has "
+            f"{len(tokenizer)} tokens; the tokenizer does not belong to this model"
+        )
+    return model

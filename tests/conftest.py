@@ -17,3 +17,11 @@ def tiny_data():
     from tests.helpers import tiny_datamodule
 
     return tiny_datamodule()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_data, tmp_path_factory):
+    """A folder holding a tiny saved Qwen2 model and its ChatML tokenizer: a user's own checkpoint."""
+    from tests.helpers import save_tiny_pretrained
+
+    return save_tiny_pretrained(tmp_path_factory.mktemp("tiny_pretrained"), tiny_data)

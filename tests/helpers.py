@@ -1,5 +1,8 @@
 """Tiny, fast building blocks for tests: a small datamodule and model, and a quiet CPU trainer."""
 
+import copy
+
+import torch
 from lightning.pytorch import Trainer
 
 from hft_lightning import HFTModule, StagedDataModule
@@ -31,3 +34,36 @@ def make_trainer(root, callbacks, **overrides) -> Trainer:
     }
     options.update(overrides)
     return Trainer(callbacks=callbacks, **options)
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""Qwen 2.5's template, reduced: no ``{% generation %}`` tags, as in most real models."""
+
+
+def save_tiny_pretrained(directory, data: StagedDataModule, chat_template: str | None = CHATML):
+    """A user's checkpoint, as ``save_pretrained`` writes it: a tiny Qwen2 model and its tokenizer.
+
+    The tokenizer is ``data``'s BPE tokenizer with ChatML turn markers as special tokens, ``<|im_end|>`` as its end of
+    sequence, no padding token, and ``chat_template`` (``None``: none, as a base model's). As in real checkpoints, the
+    embedding matrix is padded past the tokenizer's size (to a multiple of 64).
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = copy.deepcopy(data.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template = "<|im_end|>", None, chat_template
+    tokenizer.model_max_length = 256
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hft_lightning.cli import main
 
@@ -36,11 +37,13 @@ def _config(cli) -> dict:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_config_parses_and_starts_with_its_command(path, monkeypatch):
+def test_every_config_parses_and_starts_with_its_command(path, monkeypatch, tiny_pretrained):
     command = f"# python -m hft_lightning fit --config configs/{path.relative_to(ROOT / 'configs')}"
     assert path.read_text().startswith(command)
     monkeypatch.chdir(ROOT)  # the commands run from the repository root, where data paths are relative to
-    cli = main(["--config", str(path)], run=False)
+    # a config naming the user's own checkpoint gets the tiny saved one instead (no download, no local model)
+    model = [f"--model.name_or_path={tiny_pretrained}"] if "name_or_path:" in path.read_text() else []
+    cli = main(["--config", str(path), *model], run=False)
     assert cli.trainer is not None and cli.model is not None
 
 
@@ -51,6 +54,46 @@ def test_custom_data_config_trains_on_the_example_files(monkeypatch):
     chat, words = data.abilities
     assert any(len(e.history) > 1 for e in chat.train)  # multi-turn conversations, after a system prompt
     assert all(e.reference["answer"] in e.response for e in chat.val) and words.val[0].reference
+
+
+def test_model_name_or_path_alone_names_the_model_and_its_tokenizer(tiny_pretrained):
+    cli = main([f"--model.name_or_path={tiny_pretrained}", "--data.num_train=16", "--data.num_val=4"], run=False)
+    assert (
+        cli.datamodule.tokenizer.name_or_path == str(tiny_pretrained)
+        and cli.model.tokenizer is cli.datamodule.tokenizer
+    )
+    assert type(cli.model.model).__name__ == "Qwen2ForCausalLM"
+    with pytest.raises(SystemExit):  # the link owns the data side: it cannot be set apart from the model
+        main([f"--model.name_or_path={tiny_pretrained}", "--data.tokenizer_name_or_path=other"], run=False)
+
+
+def test_custom_config_sets_lora_precision_and_the_example_files(monkeypatch, tiny_pretrained):
+    monkeypatch.chdir(ROOT)
+    cli = main(
+        ["--config", str(ROOT / "configs" / "custom.yaml"), f"--model.name_or_path={tiny_pretrained}"], run=False
+    )
+    assert cli.trainer.precision == "bf16-mixed" and list(cli.model.lora.target_modules) == ["q_proj", "v_proj"]
+    assert cli.datamodule.ability_names == ["chat", "words"] and cli.datamodule.max_length == 512
+
+
+@pytest.mark.slow
+def test_custom_config_fine_tunes_a_saved_model_and_saves_it(tmp_path, tiny_pretrained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path / "run"
+    args = ["fit", "--config", str(ROOT / "configs" / "custom.yaml"), f"--model.name_or_path={tiny_pretrained}",
+            f"--trainer.default_root_dir={root}"]  # fmt: skip
+    fit = _run(args, ROOT, WANDB_MODE="disabled")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    metrics = json.loads((root / "report" / "metrics.json").read_text())
+    assert metrics["abilities"] == ["chat", "words"] and metrics["stages"] == ["chat", "words", "unified"]
+    model = AutoModelForCausalLM.from_pretrained(root / "model")  # merged: a plain transformers model
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.chat_template is not None
+    initial = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, initial.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_default_config_is_the_embedded_default():

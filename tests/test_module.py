@@ -1,4 +1,7 @@
+import copy
+
 import pytest
+import torch
 
 from hft_lightning import HFTModule
 from hft_lightning.errors import ConfigError
@@ -27,3 +30,26 @@ def test_greedy_generation_returns_one_decoded_response_per_prompt(tiny_data):
     responses = module.generate(batch["prompt_ids"], batch["prompt_attention_mask"])
     assert len(responses) == 3 and all(isinstance(r, str) for r in responses)
     assert all(tiny_data.tokenizer.eos_token not in r for r in responses)
+
+
+def test_a_pretrained_checkpoint_is_loaded_in_fp32_train_mode_with_its_stop_tokens(tiny_pretrained):
+    from transformers import AutoModelForCausalLM
+
+    from hft_lightning.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_pretrained))
+    module = HFTModule(tokenizer, name_or_path=str(tiny_pretrained))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
+    assert type(module.model) is type(reference) and module.model.training
+    for (name, param), expected in zip(module.model.named_parameters(), reference.parameters(), strict=True):
+        assert param.dtype == torch.float32 and torch.equal(param, expected), name
+    assert module.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_a_checkpoint_that_cannot_serve_names_the_model(tiny_data, tiny_pretrained):
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: cannot load a causal LM from '/nonexistent'"):
+        HFTModule(tiny_data.tokenizer, name_or_path="/nonexistent")
+    tokenizer = copy.deepcopy(tiny_data.tokenizer)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
+    with pytest.raises(ConfigError, match=r"has 448 token embeddings but its tokenizer has 500 tokens"):
+        HFTModule(tokenizer, name_or_path=str(tiny_pretrained))

@@ -1,5 +1,8 @@
 """The data side of a staged run: every ability's train and validation split, and the tokenizer.
 
+The tokenizer is the pretrained model's own when ``tokenizer_name_or_path`` is set (the CLI links it from
+``model.name_or_path``, so the user names the model once), and a BPE tokenizer trained on the abilities otherwise.
+
 Training sees one stage at a time: :meth:`StagedDataModule.train_dataloader` is called again at every
 epoch (one epoch per stage) and samples from the current stage's mixture. Validation always covers every
 ability, one dataloader per ability in declaration order, whatever stage is training.
@@ -13,15 +16,17 @@ from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.ability import Ability
 from hft_lightning.data.builtin import load_ability
 from hft_lightning.data.sampler import StageBatchSampler
-from hft_lightning.data.sft import SFTCollator, SFTDataset, encode_example
+from hft_lightning.data.sft import SFTCollator, SFTDataset
 from hft_lightning.data.source import AbilitySource
-from hft_lightning.data.tokenizer import build_tokenizer
+from hft_lightning.data.tokenizer import build_tokenizer, load_tokenizer
 from hft_lightning.errors import ConfigError
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
@@ -42,8 +47,14 @@ class StagedDataModule(pl.LightningDataModule):
         num_val: Validation examples per ability (disjoint from training), scored at every validation.
         batch_size: Training batch size.
         val_batch_size: Validation (generation) batch size.
-        vocab_size: Size of the BPE tokenizer trained on the abilities' data.
+        vocab_size: Size of the BPE tokenizer trained on the abilities' data (unused with a pretrained tokenizer).
         seed: Seed of data generation and of every stage's data order.
+        tokenizer_name_or_path: A pretrained model's tokenizer (hub name or local folder) instead of a trained BPE
+            one. The CLI sets it from ``model.name_or_path``.
+        max_length: Longest sequence in tokens: a longer training example keeps its first ``max_length`` tokens
+            (the end of its response is not trained), a longer generation prompt its last ones; each ability's
+            count is reported at the end. ``None``: the tokenizer's ``model_max_length`` if it declares one,
+            otherwise no limit.
 
     Example::
 
@@ -60,6 +71,8 @@ class StagedDataModule(pl.LightningDataModule):
         val_batch_size: int = 100,
         vocab_size: int = 1024,
         seed: int = 0,
+        tokenizer_name_or_path: str | None = None,
+        max_length: int | None = None,
     ):
         super().__init__()
         for name, value in {"num_train": num_train, "num_val": num_val, "batch_size": batch_size,
@@ -70,6 +83,8 @@ class StagedDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes and 5 special tokens), got {vocab_size}"
             )
+        if max_length is not None and max_length <= 0:
+            raise ConfigError(f"data.max_length must be positive, got {max_length}")
         if not abilities:
             raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
         self.abilities: list[Ability] = [
@@ -81,12 +96,24 @@ class StagedDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.abilities: ability names must be unique, got {names}")
         if all(a.scorer is None for a in self.abilities):
             raise ConfigError(f"data.abilities: every ability has scorer 'none' {names}; the accuracy matrix needs one")
-        examples = (e for a in self.abilities for e in (*itertools.islice(a.train, TOKENIZER_EXAMPLES), *a.val))
-        self.tokenizer = build_tokenizer((m["content"] for e in examples for m in e.messages), vocab_size)
+        if tokenizer_name_or_path is None:
+            examples = (e for a in self.abilities for e in (*itertools.islice(a.train, TOKENIZER_EXAMPLES), *a.val))
+            self.tokenizer = build_tokenizer((m["content"] for e in examples for m in e.messages), vocab_size)
+        else:
+            self.tokenizer = load_tokenizer(tokenizer_name_or_path)
+        declared = self.tokenizer.model_max_length
+        self.max_length = max_length or (declared if declared < VERY_LARGE_INTEGER else None)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.seed = seed
         self._collate = SFTCollator(self.tokenizer.pad_token_id)
+        self._train_sets = [self._dataset(a, "train") for a in self.abilities]
+        self._val_sets = [self._dataset(a, "val") for a in self.abilities]
+
+    def _dataset(self, ability: Ability, split: str) -> SFTDataset:
+        examples = ability.train if split == "train" else ability.val
+        name = f"data.abilities[{ability.name!r}].{split}"
+        return SFTDataset(examples, self.tokenizer, split == "val", self.max_length, name)
 
     @property
     def ability_names(self) -> list[str]:
@@ -123,28 +150,27 @@ class StagedDataModule(pl.LightningDataModule):
 
     def collate(self, examples: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """A training batch (CPU tensors) of the given ``(ability, example index)`` training examples."""
-        by_name = {a.name: a for a in self.abilities}
-        return self._collate([encode_example(self.tokenizer, by_name[name].train[i]) for name, i in examples])
+        by_name = dict(zip(self.ability_names, self._train_sets, strict=True))
+        return self._collate([by_name[name][i] for name, i in examples])
 
     def train_dataloader(self) -> DataLoader:
         """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
         curriculum = Curriculum.of(self.trainer)
         index = curriculum.stage_index
         start_batch = (self.trainer.global_step - curriculum.steps_before(index)) * self.trainer.accumulate_grad_batches
-        dataset = ConcatDataset([SFTDataset(a.train, self.tokenizer) for a in self.abilities])
+        dataset = ConcatDataset(self._train_sets)
         return DataLoader(dataset, batch_sampler=self.stage_sampler(index, start_batch), collate_fn=self._collate)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One dataloader per ability, with prompts for generation and examples for scoring."""
-        return [
-            DataLoader(
-                SFTDataset(a.val, self.tokenizer, with_prompt=True),
-                batch_size=self.val_batch_size,
-                collate_fn=self._collate,
-            )
-            for a in self.abilities
-        ]
+        return [DataLoader(d, batch_size=self.val_batch_size, collate_fn=self._collate) for d in self._val_sets]
 
     def test_dataloader(self) -> list[DataLoader]:
         """The validation splits: the built-in abilities have no separate test split."""
         return self.val_dataloader()
+
+    def teardown(self, stage: str) -> None:
+        """Reports how many encoded examples of each split were truncated to ``max_length``, if any were."""
+        cut = [f"{d.name}: {d.truncated} of {d.encoded}" for d in (*self._train_sets, *self._val_sets) if d.truncated]
+        if cut:
+            rank_zero_warn(f"examples truncated to data.max_length={self.max_length} tokens: {'; '.join(cut)}")

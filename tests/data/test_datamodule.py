@@ -25,3 +25,24 @@ def test_validation_has_one_loader_per_ability_in_declaration_order(tiny_data):
     assert [len(loader.dataset) for loader in loaders] == [6, 6, 6]
     for loader, ability in zip(loaders, tiny_data.abilities, strict=True):
         assert next(iter(loader))["examples"] == list(ability.val)
+
+
+def test_bad_max_length_names_the_field():
+    with pytest.raises(ConfigError, match=r"data\.max_length must be positive, got 0"):
+        StagedDataModule(num_train=10, num_val=4, max_length=0)
+
+
+def test_a_pretrained_tokenizer_replaces_the_trained_one_and_bounds_the_length(tiny_pretrained):
+    data = StagedDataModule(num_train=10, num_val=4, tokenizer_name_or_path=str(tiny_pretrained))
+    assert data.tokenizer.name_or_path == str(tiny_pretrained) and data.tokenizer.eos_token == "<|im_end|>"
+    assert data.max_length == 256  # the tokenizer's model_max_length
+    assert StagedDataModule(num_train=10, num_val=4).max_length is None  # the trained tokenizer declares none
+
+
+def test_truncated_examples_are_counted_per_split_at_teardown():
+    data = StagedDataModule(abilities=["builtin:math"], num_train=10, num_val=4, vocab_size=300, max_length=12)
+    with pytest.warns(UserWarning, match="more than max_length=12"):
+        batch = data.collate([("math", 0), ("math", 1), ("math", 0)])
+    assert batch["input_ids"].shape[1] == 12
+    with pytest.warns(UserWarning, match=r"max_length=12 tokens: data\.abilities\['math'\]\.train: 3 of 3$"):
+        data.teardown("fit")

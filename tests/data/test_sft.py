@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hft_lightning.data.example import Example
@@ -74,3 +75,76 @@ def test_every_assistant_turn_of_a_conversation_is_trained_and_nothing_else(tiny
     prompt = encode_prompt(tokenizer, example)
     assert tokenizer.decode(prompt) == rendered[: rendered.rindex("HI.<|end|>")]
     assert torch.equal(encoded["input_ids"][: len(prompt)], prompt)
+
+
+def _multi_turn() -> Example:
+    history = [
+        {"role": "system", "content": "Answer in capitals."},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": " HI\n  THERE"},
+        {"role": "user", "content": "Again?"},
+    ]
+    return Example(prompt="Once more.", response="HI.", history=history)
+
+
+def test_masking_follows_a_pretrained_template_without_generation_tags_token_by_token(tiny_pretrained):
+    from hft_lightning.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_pretrained))  # ChatML, no {% generation %}: most real templates
+    example = _multi_turn()
+    encoded = encode_example(tokenizer, example)
+    # oracle: ChatML's pieces tokenized one by one; trained are each assistant turn's content and its <|im_end|>
+    expected_ids, expected_labels = [], []
+    for message in example.messages:
+        header = tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"]
+        body = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        trained = message["role"] == "assistant"
+        expected_ids += header + body + newline
+        expected_labels += [IGNORE_INDEX] * len(header) + (body if trained else [IGNORE_INDEX] * len(body))
+        expected_labels += [IGNORE_INDEX] * len(newline)
+    assert encoded["input_ids"].tolist() == expected_ids
+    assert encoded["labels"].tolist() == expected_labels
+    prompt = encode_prompt(tokenizer, example)
+    assert tokenizer.decode(prompt).endswith("<|im_start|>user\nOnce more.<|im_end|>\n<|im_start|>assistant\n")
+    assert torch.equal(encoded["input_ids"][: len(prompt)], prompt)
+
+
+def test_prefix_masking_equals_the_generation_mask_of_the_embedded_template(tiny_data):
+    tokenizer = tiny_data.tokenizer
+    examples = [_multi_turn(), *(e for a in tiny_data.abilities for e in a.train[:20])]
+    for example in examples:
+        reference = tokenizer.apply_chat_template(example.messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids = torch.tensor(reference["input_ids"])
+        labels = ids.masked_fill(torch.tensor(reference["assistant_masks"]) == 0, IGNORE_INDEX)
+        encoded = encode_example(tokenizer, example)
+        assert torch.equal(encoded["input_ids"], ids) and torch.equal(encoded["labels"], labels)
+
+
+def test_a_template_that_rewrites_earlier_turns_cannot_be_masked(tiny_data):
+    import copy
+
+    from hft_lightning.errors import ConfigError
+
+    tokenizer = copy.deepcopy(tiny_data.tokenizer)
+    # renders only the last message: the conversation so far is not a prefix of the whole one
+    tokenizer.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    with pytest.raises(ConfigError, match="renders the conversation before turn 2 differently"):
+        encode_example(tokenizer, _multi_turn())
+
+
+def test_long_examples_keep_their_first_tokens_and_prompts_their_last_and_are_counted(tiny_data):
+    tokenizer = tiny_data.tokenizer
+    examples = [Example("Hi", "a"), _multi_turn(), Example("A much longer question, far past the limit", "yes")]
+    full = [encode_example(tokenizer, e) for e in examples]
+    prompts = [encode_prompt(tokenizer, e) for e in examples]
+    limit = len(full[0]["input_ids"]) + 1
+    dataset = SFTDataset(examples, tokenizer, with_prompt=True, max_length=limit, name="data.abilities['x'].val")
+    with pytest.warns(UserWarning, match=rf"data\.abilities\['x'\]\.val\[1\] has {len(full[1]['input_ids'])} tokens"):
+        items = [dataset[i] for i in range(3)]
+    assert (dataset.encoded, dataset.truncated) == (3, 2)
+    for item, whole, prompt in zip(items, full, prompts, strict=True):
+        for key in ("input_ids", "labels"):
+            assert torch.equal(item[key], whole[key][:limit])
+        assert torch.equal(item["prompt_ids"], prompt[-limit:])
+    assert len(items[0]["input_ids"]) < limit and len(items[2]["input_ids"]) == limit

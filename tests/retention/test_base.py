@@ -4,12 +4,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
-from hft_lightning import Curriculum
+from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay, RetentionCallback
-from tests.helpers import make_trainer
+from tests.helpers import make_trainer, tiny_datamodule, tiny_module
 from tests.retention.common import fit
 
 
@@ -56,8 +57,6 @@ def test_state_is_keyed_by_name_and_checked_on_load(tmp_path):
 
 
 def test_only_trainable_parameters_are_protected(tmp_path):
-    from tests.helpers import tiny_datamodule, tiny_module
-
     module = tiny_module(tiny_datamodule())
     module.model.model.embed_tokens.weight.requires_grad_(False)
     names = RetentionCallback.trainable(module)
@@ -76,3 +75,56 @@ def test_replay_must_come_after_the_curriculum(tmp_path):
     trainer = make_trainer(tmp_path, [replay, Curriculum()])
     with pytest.raises(ConfigError, match="Curriculum before Replay"):
         replay.setup(trainer, torch.nn.Module(), "fit")
+
+
+class _RecordingRetention(RetentionCallback):
+    """Records the gradients it is given and the weights, then adds 1 to every gradient."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def edit_gradients(self, trainer, pl_module, params):
+        grads = {name: p.grad.clone() for name, p in params.items()}
+        self.events.append(("edit", grads, {name: p.detach().clone() for name, p in params.items()}))
+        for p in params.values():
+            p.grad.add_(1.0)
+
+
+class _Batches(Callback):
+    def __init__(self, events):
+        self.events = events
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.events.append(("batch", {k: batch[k].clone() for k in ("input_ids", "attention_mask", "labels")}))
+
+
+def test_the_gradient_edit_runs_once_per_optimizer_step_on_the_accumulated_gradient_before_clipping(tmp_path):
+    events, clip_val = [], 0.5
+    data = tiny_datamodule()
+    module = tiny_module(data)
+
+    def record_clipping(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        type(module).configure_gradient_clipping(module, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+        events.append(("clip", grads, norm))
+
+    module.configure_gradient_clipping = record_clipping
+    callbacks = [Curriculum([Stage("math", 3, {"math": 1.0})]), _Batches(events), _RecordingRetention(events)]
+    trainer = make_trainer(tmp_path, callbacks, accumulate_grad_batches=2, gradient_clip_val=clip_val)
+    trainer.fit(module, datamodule=data)
+    assert [kind for kind, *_ in events] == ["batch", "batch", "edit", "clip"] * 3
+    for step in range(3):
+        (_, first), (_, second), (_, accumulated, weights), (_, clipped, norm) = events[4 * step : 4 * step + 4]
+        # the edit sees the mean of the two micro-batches' loss gradients, computed here independently
+        leaves = {name.removeprefix("model."): w.clone().requires_grad_() for name, w in weights.items()}
+        losses = [torch.func.functional_call(module.model, leaves, args=(), kwargs=b).loss for b in (first, second)]
+        expected = torch.autograd.grad(sum(losses) / 2, list(leaves.values()))
+        for (name, grad), oracle in zip(accumulated.items(), expected, strict=True):
+            torch.testing.assert_close(grad, oracle, rtol=1e-4, atol=1e-6, msg=name)
+        # clipping sees the edited gradient, once edited, and brings it down to the clipping norm
+        for name, grad in accumulated.items():
+            torch.testing.assert_close(clipped[name], grad + 1.0, rtol=0, atol=0)
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])) > 10 * clip_val
+        torch.testing.assert_close(norm, torch.tensor(clip_val), rtol=1e-4, atol=0)
