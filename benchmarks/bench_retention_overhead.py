@@ -42,6 +42,7 @@ METHODS: dict[str, Callable[[], list[Callback]]] = {
     "gem": lambda: [GEM()],
     "gem_ref_every_10": lambda: [GEM(ref_every=10)],
     "agem": lambda: [AGEM()],
+    "agem_ref_every_10": lambda: [AGEM(ref_every=10)],
     "replay": lambda: [Replay()],
     "replay+ewc": lambda: [Replay(), EWC()],
 }

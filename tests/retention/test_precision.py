@@ -35,7 +35,7 @@ def test_bf16_mixed_trains_in_bf16_and_keeps_fp32_retention_state(tmp_path):
     assert forward.dtypes == {torch.bfloat16}  # the model ran under autocast
     assert trainer.global_step == 12 and all(p.dtype == torch.float32 for p in module.parameters())
     assert all(torch.isfinite(p).all() for p in module.parameters())
-    assert [s["stage"] for s in ewc.consolidated] == [0, 1] and set(gem.refs) == {"math", "code"}
+    assert [s["stage"] for s in ewc.consolidated] == [0, 1] and set(gem.references.refs) == {"math", "code"}
     for state, exact in zip(ewc.consolidated, oracle.fishers[:2], strict=True):
         for key in ("fisher", "anchor"):
             assert all(t.dtype == torch.float32 for t in state[key].values())
@@ -43,4 +43,4 @@ def test_bf16_mixed_trains_in_bf16_and_keeps_fp32_retention_state(tmp_path):
         fisher = torch.cat([state["fisher"][name].flatten().double() for name in exact])
         reference = torch.cat([f.flatten() for f in exact.values()])
         assert (fisher - reference).norm() < 0.1 * reference.norm()
-    assert all(t.dtype == torch.float32 for ref in gem.refs.values() for t in ref.values())
+    assert all(t.dtype == torch.float32 for ref in gem.references.refs.values() for t in ref.values())
