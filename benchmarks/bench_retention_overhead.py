@@ -3,7 +3,8 @@
 A short mixed stage (all abilities) ends with a consolidation, so the timed stage after it protects three
 abilities (GEM's k = 3). Each method trains the same timed stage from the same seed; a step is timed from
 ``on_train_batch_start`` (before Replay edits the batch) to ``on_train_batch_end`` (after the optimizer step),
-the median over the stage's steps after two warm-up steps. The script also measures the memory each method
+the mean over the stage's steps after two warm-up steps (a mean, not a median: with ``ref_every > 1`` one step in
+``ref_every`` pays for the references, and the mean charges it). The script also measures the memory each method
 keeps between steps (the tensors of its ``state_dict``) as a multiple of the trainable parameter bytes.
 Results are printed and appended to ``benchmarks/results/retention_overhead.jsonl`` with the device name.
 
@@ -92,7 +93,7 @@ def measure(name: str, data: StagedDataModule, steps: int, device: str) -> dict:
         "device": device_name(module.device),
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
-        "step_ms": 1000 * statistics.median(timer.seconds[2:]),
+        "step_ms": 1000 * statistics.fmean(timer.seconds[2:]),
         "state_bytes_over_params": sum(_state_bytes(m.state_dict()) for m in methods) / trainable,
     }
 
