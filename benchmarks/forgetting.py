@@ -184,13 +184,18 @@ def figure(results: dict[str, Any]) -> Figure:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), help="config names under configs/, e.g. planners/hft_reversed"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
     parser.add_argument("--num-val", type=int, default=100, help="validation examples per ability")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "forgetting", help="where the runs go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting.{json,md,png} go")
     args = parser.parse_args(argv)
+    missing = [m for m in args.methods if not (ROOT / "configs" / f"{m}.yaml").is_file()]
+    if missing:
+        parser.error(f"--methods: no config {', '.join(f'configs/{m}.yaml' for m in missing)}")
     if args.scale <= 0 or args.num_val < 1:
         parser.error(f"--scale must be > 0 and --num-val >= 1, got {args.scale} and {args.num_val}")
     return args

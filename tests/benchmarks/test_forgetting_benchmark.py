@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.forgetting import main, run_config
+from benchmarks.forgetting import main, parse_args, run_config
 
 
 def test_scaled_config_keeps_the_plan_and_drops_the_progress_bar():
@@ -47,3 +47,10 @@ def test_benchmark_writes_json_table_and_figure(tmp_path):
     assert (out / "forgetting.png").read_bytes().startswith(b"\x89PNG")
     rerun = main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(out)])  # finished runs are reused
     assert rerun["methods"] == results["methods"]
+
+
+def test_an_unknown_method_names_the_missing_config(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "hft", "no_such_recipe"])
+    assert "no config configs/no_such_recipe.yaml" in capsys.readouterr().err
+    assert parse_args(["--methods", "planners/hft_reversed"]).methods == ["planners/hft_reversed"]
