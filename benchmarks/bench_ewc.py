@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from harness import Bench, Skip, main
 
-from kernels import ewc_penalty_
+from hft_kernels import ewc_penalty_
 
 LAM = 0.5
 

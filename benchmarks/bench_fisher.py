@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from harness import Bench, Skip, main
 
-from kernels import fisher_accumulate_
+from hft_kernels import fisher_accumulate_
 
 DECAY, SCALE = 0.9, 0.1
 

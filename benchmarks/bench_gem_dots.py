@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from harness import Bench, Skip, main
 
-from kernels import gem_dots
+from hft_kernels import gem_dots
 
 
 def make_inputs(shapes, dtype, device, args):

@@ -16,7 +16,7 @@ import quadprog
 import torch
 from harness import Bench, Skip, main
 
-from kernels import gem_project_
+from hft_kernels import gem_project_
 
 
 def make_inputs(shapes, dtype, device, args):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # triton.jit decides at decoration time whether a kernel is compiled or interpreted: without a GPU, the Triton
-# kernels run on CPU through the interpreter, so this must be set before anything imports `kernels`.
+# kernels run on CPU through the interpreter, so this must be set before anything imports `hft_kernels`.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")

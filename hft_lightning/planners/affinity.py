@@ -2,7 +2,7 @@
 
 The affinity of two abilities is the cosine of the gradients of their losses on a held-out sample, measured on the
 base model: ``A[i, j] = <g_i, g_j> / (|g_i| |g_j|)``, all k x k inner products from one pass over the k gradients
-with :func:`kernels.gem_dots` (the Gram matrix GEM uses). Stages whose gradients point the same way interfere least
+with :func:`hft_kernels.gem_dots` (the Gram matrix GEM uses). Stages whose gradients point the same way interfere least
 (GEM's premise, Lopez-Paz & Ranzato 2017), so the plan maximises the summed affinity of consecutive stages:
 
 - exact, over every order the prerequisites allow, for up to :data:`EXACT_SEARCH_MAX` abilities (8! = 40320
@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from typing_extensions import override
 
+from hft_kernels import gem_dots
 from hft_lightning.planners.base import Decision, Planner, PrerequisiteMap, check_budget, ready
 from hft_lightning.planners.probe import Probe
-from kernels import gem_dots
 
 EXACT_SEARCH_MAX = 8
 """Up to this many single-ability stages every allowed order is tried; above it, the greedy chain."""

@@ -2,7 +2,7 @@
 
 A-GEM keeps the same per-ability memory as :class:`~hft_lightning.retention.GEM` but computes a single reference
 gradient ``g_ref`` on a random batch drawn from the whole memory, and projects with the closed form
-``g -= min(0, <g, g_ref>) / <g_ref, g_ref> * g_ref`` (:func:`kernels.gem_project_` with k = 1): one extra
+``g -= min(0, <g, g_ref>) / <g_ref, g_ref> * g_ref`` (:func:`hft_kernels.gem_project_` with k = 1): one extra
 forward/backward pass per refresh instead of k, and one fp32 copy of the trainable parameters. The paper draws a
 new batch at every step (``ref_every=1``); ``ref_every > 1`` reuses the reference for that many steps
 (:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). The batch is drawn
@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from hft_kernels import gem_project_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
 from hft_lightning.retention.references import ReferenceGradients
-from kernels import gem_project_
 
 
 class AGEM(RetentionCallback):

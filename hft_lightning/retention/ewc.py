@@ -3,7 +3,7 @@
 At the end of every stage that another stage follows, EWC estimates the empirical Fisher diagonal ``F_s`` of
 the finished stage's data and snapshots the weights ``theta*_s``. Every later optimizer step adds the gradient
 of ``sum_s lam/2 * sum_i F_s,i (theta_i - theta*_s,i)^2`` to the training gradient with the fused
-:func:`kernels.ewc_penalty_` (one pass over memory per stage) and logs the penalty as ``retention/ewc_penalty``.
+:func:`hft_kernels.ewc_penalty_` (one pass over memory per stage) and logs the penalty as ``retention/ewc_penalty``.
 Memory: two fp32 copies of the trainable parameters per consolidated stage (see :class:`OnlineEWC` for one).
 """
 
@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from hft_kernels import ewc_penalty_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import stage_fisher
-from kernels import ewc_penalty_
 
 
 class EWC(RetentionCallback):

@@ -3,7 +3,7 @@
 GEM keeps a memory of examples of every ability learned so far (reservoir samples of what the finished stages
 trained on, :class:`~hft_lightning.retention.memory.ExampleMemory`). Before each optimizer step it computes one
 reference gradient ``g_k`` per remembered ability (the loss gradient on that ability's memory) and projects the
-training gradient with the fused :func:`kernels.gem_project_`: ``g += G^T v*`` where ``v*`` solves the dual QP
+training gradient with the fused :func:`hft_kernels.gem_project_`: ``g += G^T v*`` where ``v*`` solves the dual QP
 ``min_{v >= 0} 1/2 v^T G G^T v + v^T G g`` on the device, so that afterwards ``<g, g_k> >= 0`` for every
 ability: to first order, no remembered ability's loss increases. When no constraint is violated, g is unchanged.
 
@@ -21,12 +21,12 @@ import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
 
+from hft_kernels import MAX_REFS, gem_project_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
 from hft_lightning.retention.references import ReferenceGradients
-from kernels import MAX_REFS, gem_project_
 
 
 class GEM(RetentionCallback):

@@ -16,8 +16,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from hft_kernels import fisher_accumulate_
 from hft_lightning.retention.memory import ExampleMemory, Item
-from kernels import fisher_accumulate_
 
 
 def _all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:

@@ -2,7 +2,7 @@
 
 At each stage end the running Fisher decays and takes in the finished stage's empirical Fisher,
 ``F = gamma * F + F_s``, and the anchors move to the current weights ``theta* = theta``. Every later step adds
-``lam * F * (theta - theta*)`` to the gradient with :func:`kernels.ewc_penalty_` (one pass over memory) and logs
+``lam * F * (theta - theta*)`` to the gradient with :func:`hft_kernels.ewc_penalty_` (one pass over memory) and logs
 ``retention/ewc_penalty``. Memory: two fp32 copies of the trainable parameters, however many stages.
 """
 
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from hft_kernels import ewc_penalty_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import stage_fisher
-from kernels import ewc_penalty_
 
 
 class OnlineEWC(RetentionCallback):

@@ -42,7 +42,7 @@ class ReferenceGradients:
         self.refs = {}
 
     def ordered(self, names: Iterable[str]) -> list[list[torch.Tensor]]:
-        """The references as ``[k][num_params]`` tensors in the order of ``names``, for :func:`kernels.gem_project_`."""
+        """The references as ``[k][num_params]`` tensors in ``names`` order, for :func:`hft_kernels.gem_project_`."""
         names = list(names)
         return [[ref[name] for name in names] for ref in self.refs.values()]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import HAS_TRITON
-from kernels._multi_tensor import CHUNK
+from hft_kernels import HAS_TRITON
+from hft_kernels._multi_tensor import CHUNK
 
 # Per-element tolerance of an op's output in the dtype it is stored in (one rounding plus fp32 sum order).
 TOLERANCES = {

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import BACKEND_ENV_VAR, resolve_backend
+from hft_kernels import BACKEND_ENV_VAR, resolve_backend
 from tests.kernels.cases import needs_triton
 
 CPU = torch.device("cpu")
@@ -51,13 +51,13 @@ def test_package_imports_and_runs_without_triton():
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import torch
-import kernels
-assert not kernels.HAS_TRITON
+import hft_kernels
+assert not hft_kernels.HAS_TRITON
 g = [torch.zeros(3)]
-p = kernels.ewc_penalty_([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], g, lam=2.0)
+p = hft_kernels.ewc_penalty_([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], g, lam=2.0)
 assert p.item() == 3.0 and g[0].tolist() == [2.0, 2.0, 2.0], (p, g)
 try:
-    kernels.ewc_penalty_([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], g, lam=2.0, backend="triton")
+    hft_kernels.ewc_penalty_([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], g, lam=2.0, backend="triton")
 except RuntimeError as e:
     assert "triton is not installed" in str(e)
 else:
@@ -71,10 +71,10 @@ _COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.ewc import _ewc_kernel
-from kernels.fisher import _fisher_kernel
-from kernels.gem_dots import _gem_dots_kernel
-from kernels.gem_project import _gem_update_kernel
+from hft_kernels.ewc import _ewc_kernel
+from hft_kernels.fisher import _fisher_kernel
+from hft_kernels.gem_dots import _gem_dots_kernel
+from hft_kernels.gem_project import _gem_update_kernel
 
 table = {"addrs_ptr": "*i64", "numels_ptr": "*i64", "chunks_ptr": "*i64", "num_tensors": "i32"}
 tiles = {"CHUNK": 16384, "BLOCK": 256}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import ewc_penalty_
+from hft_kernels import ewc_penalty_
 from tests.kernels.cases import (
     BACKENDS,
     DTYPES,
@@ -120,5 +120,5 @@ def test_rejects_misaligned_lists(mutate, message):
 @linux_only
 def test_reference_allocates_no_model_sized_temporary():
     build = "[[torch.full((n,), v) for n in sizes] for v in (1.0, 0.5, 2.0, 0.0)]"
-    growth = peak_growth_mib(build, "from kernels import ewc_penalty_; ewc_penalty_(*lists, lam=1.0)")
+    growth = peak_growth_mib(build, "from hft_kernels import ewc_penalty_; ewc_penalty_(*lists, lam=1.0)")
     assert growth < MODEL_MIB / 4, f"reference grew the peak by {growth:.1f} MiB on a {MODEL_MIB} MiB model"

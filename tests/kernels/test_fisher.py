@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import fisher_accumulate_
+from hft_kernels import fisher_accumulate_
 from tests.kernels.cases import (
     BACKENDS,
     DTYPES,
@@ -76,5 +76,5 @@ def test_empty_lists_are_a_no_op():
 @linux_only
 def test_reference_allocates_no_model_sized_temporary():
     build = "[[torch.full((n,), v) for n in sizes] for v in (1.0, 0.5)]"
-    growth = peak_growth_mib(build, "from kernels import fisher_accumulate_; fisher_accumulate_(*lists, 0.9, 0.1)")
+    growth = peak_growth_mib(build, "from hft_kernels import fisher_accumulate_; fisher_accumulate_(*lists, 0.9, 0.1)")
     assert growth < MODEL_MIB / 4, f"reference grew the peak by {growth:.1f} MiB on a {MODEL_MIB} MiB model"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import gem_dots
+from hft_kernels import gem_dots
 from tests.kernels.cases import BACKENDS, DTYPES, SHAPE_IDS, flat64, gem_inputs, needs_triton
 
 

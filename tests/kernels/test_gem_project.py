@@ -4,8 +4,8 @@ import quadprog
 import torch
 from scipy.optimize import nnls
 
-from kernels import MAX_REFS, gem_project_
-from kernels.gem_project import solve_gem_dual
+from hft_kernels import MAX_REFS, gem_project_
+from hft_kernels.gem_project import solve_gem_dual
 from tests.kernels.cases import (
     BACKENDS,
     DTYPES,
@@ -186,6 +186,6 @@ def test_no_host_sync_on_cuda():
 @linux_only
 def test_reference_allocates_no_model_sized_temporary():
     build = "[[torch.full((n,), v) for n in sizes] for v in (-1.0, 1.0, 0.5)]"
-    op = "from kernels import gem_project_; gem_project_(lists[0], lists[1:])"
+    op = "from hft_kernels import gem_project_; gem_project_(lists[0], lists[1:])"
     growth = peak_growth_mib(build, op)
     assert growth < MODEL_MIB / 4, f"reference grew the peak by {growth:.1f} MiB on a {MODEL_MIB} MiB model"

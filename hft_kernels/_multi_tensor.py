@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.backend import tl, triton
+from hft_kernels.backend import tl, triton
 
 CHUNK = 16384  # elements per program: 61k programs and a 1 MiB table at 1e9 parameters.
 BUCKET = 1 << 18  # reference bucket (1 MiB per fp32 flat buffer).

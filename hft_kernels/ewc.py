@@ -28,8 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import _multi_tensor as mt
-from kernels.backend import resolve_backend, tl, triton
+from hft_kernels import _multi_tensor as mt
+from hft_kernels.backend import resolve_backend, tl, triton
 
 _BLOCK = 1024
 

@@ -39,9 +39,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import _multi_tensor as mt
-from kernels.backend import resolve_backend, tl, triton
-from kernels.gem_dots import check_refs, gem_dots
+from hft_kernels import _multi_tensor as mt
+from hft_kernels.backend import resolve_backend, tl, triton
+from hft_kernels.gem_dots import check_refs, gem_dots
 
 MAX_REFS = 12
 _RIDGE = 1e-10

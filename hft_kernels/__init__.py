@@ -8,11 +8,11 @@ few launches, edits gradients in place and allocates nothing model-sized. ``reso
 This package imports torch and (optionally) triton only: never Lightning, transformers or hft_lightning.
 """
 
-from kernels.backend import BACKEND_ENV_VAR, BACKENDS, HAS_TRITON, resolve_backend
-from kernels.ewc import ewc_penalty_
-from kernels.fisher import fisher_accumulate_
-from kernels.gem_dots import gem_dots
-from kernels.gem_project import MAX_REFS, gem_project_
+from hft_kernels.backend import BACKEND_ENV_VAR, BACKENDS, HAS_TRITON, resolve_backend
+from hft_kernels.ewc import ewc_penalty_
+from hft_kernels.fisher import fisher_accumulate_
+from hft_kernels.gem_dots import gem_dots
+from hft_kernels.gem_project import MAX_REFS, gem_project_
 
 __all__ = [
     "BACKENDS",
