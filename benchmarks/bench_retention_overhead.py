@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import statistics
 import sys
@@ -31,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import device_name
+from benchmarks.harness import append_rows, device_name
 from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
 from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay
 
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row["ratio_vs_sft"] = row["step_ms"] / baseline
         memory = row["state_bytes_over_params"]
         print(f"{row['method']:18s} {row['step_ms']:8.1f} {row['ratio_vs_sft']:6.2f} {memory:12.2f}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    append_rows(args.results, rows)
     return rows
 
 

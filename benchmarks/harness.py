@@ -178,12 +178,16 @@ def main(bench: Bench, argv: list[str] | None = None) -> list[dict]:
                     row.update(ms=None, roofline=None, note=str(reason))
                 rows.append(row)
             _print(bench.op, n, dtype_name, bandwidth, rows[-len(providers) :], measured)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(f"appended {len(rows)} rows to {args.results}")
+    append_rows(args.results, rows)
     return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Appends ``rows`` to the JSON-lines results file ``path`` (created with its folder if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"appended {len(rows)} rows to {path}")
 
 
 def _print(op: str, n: int, dtype: str, bandwidth: float, rows: list[dict], measured: list[dict]) -> None:

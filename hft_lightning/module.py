@@ -35,6 +35,7 @@ from transformers import (
 from typing_extensions import override
 
 from hft_lightning.curriculum import Curriculum
+from hft_lightning.data.packing import pack_batch
 from hft_lightning.errors import ConfigError
 from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
@@ -62,6 +63,9 @@ class HFTModule(pl.LightningModule):
         warmup_steps: Linear warm-up steps at the start of every stage, constant afterwards
             (:class:`~hft_lightning.schedule.StageSchedule`).
         max_new_tokens: Generation budget per validation response.
+        packing: Tokens per row when each batch's examples are packed end to end before the forward pass,
+            attention kept within each example (:mod:`~hft_lightning.data.packing`): the same examples, tokens and
+            loss in fewer, longer rows. ``None``: one padded row per example.
 
     Example::
 
@@ -83,6 +87,7 @@ class HFTModule(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         max_new_tokens: int = 48,
+        packing: int | None = None,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -95,12 +100,15 @@ class HFTModule(pl.LightningModule):
             raise ConfigError(
                 f"model.warmup_steps and model.weight_decay must be >= 0, got {warmup_steps} and {weight_decay}"
             )
+        if packing is not None and packing <= 0:
+            raise ConfigError(f"model.packing must be a positive number of tokens per row (or null), got {packing}")
         if lora is not None and name_or_path is None:
             raise ConfigError("model.lora adapts a pretrained model: set model.name_or_path too")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path
         self.lora = lora
+        self.packing = packing
         if name_or_path is None:
             config = LlamaConfig(
                 vocab_size=len(tokenizer),
@@ -147,7 +155,9 @@ class HFTModule(pl.LightningModule):
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects)."""
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
-        return self.model(**inputs).loss
+        if self.packing is not None:
+            inputs = pack_batch(inputs, self.tokenizer.pad_token_id, self.packing)
+        return self.model(**inputs, use_cache=False).loss
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
