@@ -1,8 +1,8 @@
 """Padding-free batches: a batch's examples packed into rows of a fixed length, attention kept within each example.
 
 A padded batch of ``B`` examples costs ``B`` rows of its longest example's length, however short the others are.
-Packing lays the same examples out end to end in rows of ``row_length`` tokens (first-fit decreasing; an example
-longer than that keeps a row of its own, and no example is split), with position ids restarting at 0 at every
+Packing lays the same examples out end to end in rows of ``row_length`` tokens (first-fit decreasing; rows grow to
+the batch's longest example if it is longer, and no example is split), with position ids restarting at 0 at every
 example. transformers (4.54 and later) reads the restarts as sequence boundaries: sdpa, eager and flex attention get a
 block-diagonal causal mask, flash attention its variable-length path, so no token attends to another example.
 
