@@ -2,8 +2,8 @@
 
 Every setting trains its own copy of the same model on the same batches of a stage mixing every ability (the
 lengths differ most there): forward, backward and the AdamW step, the settings taking turns batch by batch, timed
-after ``--warmup`` steps. Besides the time,
-each row records how full the rows are: the batch's tokens over the tokens its rows hold (``1.0``: no padding).
+after ``--warmup`` steps. Besides the time, each row records how full the rows are: the batch's tokens over the
+tokens its rows hold (``1.0``: no padding).
 Results are printed and appended to ``benchmarks/results/packing.jsonl`` with the device name.
 
     python benchmarks/bench_packing.py                              # padded, then rows of 64 .. 512 tokens
@@ -29,6 +29,7 @@ from hft_lightning import HFTModule, StagedDataModule
 from hft_lightning.data.packing import pack_batch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "packing.jsonl"
+NUM_TRAIN = 500  # training examples per built-in ability the batches are drawn from
 
 
 class Setting:
@@ -77,14 +78,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    data = StagedDataModule(num_train=500, num_val=4)
+    data = StagedDataModule(num_train=NUM_TRAIN, num_val=4)
     torch.manual_seed(0)
     module = HFTModule(data.tokenizer).to(args.device)
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.steps + args.warmup):
-        draw = torch.randint(len(data.ability_names) * 500, (args.batch_size,), generator=generator).tolist()
-        batch = data.collate([(data.ability_names[i // 500], i % 500) for i in draw])
+        draw = torch.randint(len(data.ability_names) * NUM_TRAIN, (args.batch_size,), generator=generator).tolist()
+        batch = data.collate([(data.ability_names[i // NUM_TRAIN], i % NUM_TRAIN) for i in draw])
         batches.append({key: value.to(args.device) for key, value in batch.items()})
     settings = [Setting(module, length) for length in [None, *args.row_lengths]]
     for batch in batches:  # round robin: a slow spell of the machine hits every setting alike
