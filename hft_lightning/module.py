@@ -167,10 +167,21 @@ class HFTModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[str]:
-        """Greedy batched generation from left-padded prompts; returns the decoded responses."""
-        output = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_attention_mask, generation_config=self.generation_config
-        )
+        """Greedy batched generation from left-padded prompts; returns the decoded responses.
+
+        transformers fills every field a passed ``GenerationConfig`` leaves unset from the model's own one (a
+        checkpoint's repetition penalty, n-gram ban, suppressed or forced tokens), so the model carries the greedy
+        config for the duration of the call: scores measure plain greedy decoding, whatever the checkpoint ships.
+        """
+        causal_lm = self.model.get_base_model() if self.lora is not None else self.model
+        checkpoint_config = causal_lm.generation_config
+        causal_lm.generation_config = self.generation_config
+        try:
+            output = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_attention_mask, generation_config=self.generation_config
+            )
+        finally:
+            causal_lm.generation_config = checkpoint_config
         return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
 
     def _score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:

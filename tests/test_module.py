@@ -53,3 +53,42 @@ def test_a_checkpoint_that_cannot_serve_names_the_model(tiny_data, tiny_pretrain
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
     with pytest.raises(ConfigError, match=r"has 448 token embeddings but its tokenizer has 500 tokens"):
         HFTModule(tokenizer, name_or_path=str(tiny_pretrained))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_generation_is_plain_greedy_whatever_the_checkpoint_generation_config_sets(tiny_data, tmp_path, lora):
+    from transformers import GenerationConfig
+
+    from hft_lightning.data.sft import encode_prompt
+    from hft_lightning.data.tokenizer import load_tokenizer
+    from hft_lightning.lora import LoRA
+    from tests.helpers import save_tiny_pretrained
+
+    folder = save_tiny_pretrained(tmp_path, tiny_data)
+    tokenizer = load_tokenizer(str(folder))
+    prompt = encode_prompt(tokenizer, tiny_data.abilities[0].val[0])[None]
+    plain = HFTModule(tokenizer, name_or_path=str(folder), max_new_tokens=6)
+    expected = []  # argmax step by step: greedy decoding with nothing else
+    with torch.no_grad():
+        ids = prompt
+        for _ in range(6):
+            token = plain.model(input_ids=ids).logits[0, -1].argmax()
+            if token in plain.generation_config.eos_token_id:
+                break
+            expected.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    # a checkpoint shipping sampling-time settings that would change every greedy token
+    GenerationConfig(repetition_penalty=1e4, no_repeat_ngram_size=1, suppress_tokens=expected[:1]).save_pretrained(
+        folder
+    )
+    module = HFTModule(
+        tokenizer, name_or_path=str(folder), max_new_tokens=6, lora=LoRA(target_modules=["q_proj"]) if lora else None
+    )
+    assert module.model.generation_config.repetition_penalty == 1e4  # kept for the saved model
+    leaked = module.model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=module.generation_config
+    )
+    assert leaked[0, prompt.shape[1]] != expected[0]  # what transformers does with the checkpoint's config
+    responses = module.generate(prompt, torch.ones_like(prompt))
+    assert responses == [tokenizer.decode(expected, skip_special_tokens=True)]
+    assert module.model.generation_config.repetition_penalty == 1e4
