@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.packing import pack_batch
+from hft_lightning.data.sft import trained_tokens
 from hft_lightning.errors import ConfigError
 from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
@@ -153,11 +154,16 @@ class HFTModule(pl.LightningModule):
         self.accuracy_matrix = AccuracyMatrix([a.name for a in scored], len(curriculum.stages), learned_at)
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects)."""
+        """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects).
+
+        A batch whose examples were all truncated before their response has no such token: its loss is 0 with zero
+        gradients (the sum over no token, divided by at least one), not NaN.
+        """
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
         if self.packing is not None:
             inputs = pack_batch(inputs, self.tokenizer.pad_token_id, self.packing)
-        return self.model(**inputs, use_cache=False).loss
+        tokens = trained_tokens(inputs["labels"]).clamp(min=1)
+        return self.model(**inputs, use_cache=False, num_items_in_batch=tokens).loss
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -92,3 +92,17 @@ def test_generation_is_plain_greedy_whatever_the_checkpoint_generation_config_se
     responses = module.generate(prompt, torch.ones_like(prompt))
     assert responses == [tokenizer.decode(expected, skip_special_tokens=True)]
     assert module.model.generation_config.repetition_penalty == 1e4
+
+
+@pytest.mark.parametrize("packing", [None, 64], ids=["padded", "packed"])
+def test_the_loss_is_the_mean_over_response_tokens_and_zero_when_a_batch_has_none(tiny_data, packing):
+    module = HFTModule(tiny_data.tokenizer, hidden_size=32, num_layers=1, num_heads=2, packing=packing)
+    batch = tiny_data.collate([("math", 0), ("code", 1), ("general", 2)])
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+    torch.testing.assert_close(module.sft_loss(batch), module.model(**inputs).loss)  # transformers' own mean
+    # every example truncated before its response: nothing to train, and nothing NaN reaches the weights
+    untrained = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    loss = module.sft_loss(untrained)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters())

@@ -170,7 +170,16 @@ class StagedDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def teardown(self, stage: str) -> None:
-        """Reports how many encoded examples of each split were truncated to ``max_length``, if any were."""
-        cut = [f"{d.name}: {d.truncated} of {d.encoded}" for d in (*self._train_sets, *self._val_sets) if d.truncated]
+        """Reports how many encoded examples of each split were truncated to ``max_length``, if any were.
+
+        Each count says how many of the truncated examples kept no response token at all (their prompt alone
+        reaches ``max_length``): they train nothing, and raising ``data.max_length`` is the fix.
+        """
+        cut = [
+            f"{d.name}: {d.truncated} of {d.encoded}"
+            + (f" ({d.untrained} kept no response token)" if d.untrained else "")
+            for d in (*self._train_sets, *self._val_sets)
+            if d.truncated
+        ]
         if cut:
             rank_zero_warn(f"examples truncated to data.max_length={self.max_length} tokens: {'; '.join(cut)}")

@@ -86,6 +86,18 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> dict
     return {"input_ids": input_ids, "labels": labels}
 
 
+def trained_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens the causal LM loss averages over: labels past the first position that are not ignored.
+
+    Args:
+        labels: Shape ``[B, T]`` (or ``[T]``), ``-100`` where nothing is trained.
+
+    Returns:
+        A 0-dim int64 tensor on ``labels``' device (no host synchronisation).
+    """
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> torch.Tensor:
     """The chat-templated conversation before the last assistant turn, with its assistant header, shape ``[T]``."""
     encoded = tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, return_dict=True)
@@ -121,6 +133,8 @@ class SFTDataset(Dataset):
         """Examples encoded so far (one example drawn twice counts twice)."""
         self.truncated = 0
         """Of those, how many were longer than ``max_length``."""
+        self.untrained = 0
+        """Of the truncated ones, how many kept no response token: they train nothing (a zero loss, not NaN)."""
 
     def __len__(self) -> int:
         """Number of examples."""
@@ -138,6 +152,7 @@ class SFTDataset(Dataset):
                 )
             self.truncated += 1
             item = {key: value[: self.max_length] for key, value in item.items()}
+            self.untrained += not trained_tokens(item["labels"])
         if self.with_prompt:
             prompt = encode_prompt(self.tokenizer, example)
             item["prompt_ids"] = prompt if self.max_length is None else prompt[-self.max_length :]

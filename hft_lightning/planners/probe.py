@@ -19,7 +19,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from hft_lightning.data.sft import IGNORE_INDEX
+from hft_lightning.data.sft import trained_tokens
+from hft_lightning.errors import ConfigError
 
 
 class Probe:
@@ -67,10 +68,15 @@ class Probe:
         total, tokens = 0.0, 0
         with self._eval_mode():
             for batch in self.batches(ability, examples, batch_size):
-                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the tokens sft_loss averages over
+                count = int(trained_tokens(batch["labels"]))
                 with self.context():
                     total += float(self.module.sft_loss(batch)) * count
                 tokens += count
+        if not tokens:
+            raise ConfigError(
+                f"data.abilities[{ability!r}].val: none of the {examples} probe examples keeps a response token within "
+                f"data.max_length={self.datamodule.max_length}; raise data.max_length"
+            )
         return total / tokens
 
     def gradient(self, ability: str, examples: int, batch_size: int) -> list[torch.Tensor]:

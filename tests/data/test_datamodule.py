@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from hft_lightning import StagedDataModule
@@ -39,10 +41,12 @@ def test_a_pretrained_tokenizer_replaces_the_trained_one_and_bounds_the_length(t
     assert StagedDataModule(num_train=10, num_val=4).max_length is None  # the trained tokenizer declares none
 
 
-def test_truncated_examples_are_counted_per_split_at_teardown():
-    data = StagedDataModule(abilities=["builtin:math"], num_train=10, num_val=4, vocab_size=300, max_length=12)
-    with pytest.warns(UserWarning, match="more than max_length=12"):
+@pytest.mark.parametrize(("max_length", "untrained"), [(12, " (3 kept no response token)"), (64, "")])
+def test_truncated_examples_are_counted_per_split_at_teardown(max_length, untrained):
+    data = StagedDataModule(abilities=["builtin:math"], num_train=10, num_val=4, vocab_size=300, max_length=max_length)
+    with pytest.warns(UserWarning, match=f"more than max_length={max_length}"):
         batch = data.collate([("math", 0), ("math", 1), ("math", 0)])
-    assert batch["input_ids"].shape[1] == 12
-    with pytest.warns(UserWarning, match=r"max_length=12 tokens: data\.abilities\['math'\]\.train: 3 of 3$"):
+    assert batch["input_ids"].shape[1] == max_length
+    expected = rf"max_length={max_length} tokens: data\.abilities\['math'\]\.train: 3 of 3{re.escape(untrained)}$"
+    with pytest.warns(UserWarning, match=expected):
         data.teardown("fit")

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from hft_lightning.data.example import Example
-from hft_lightning.data.sft import IGNORE_INDEX, SFTCollator, SFTDataset, encode_example, encode_prompt
+from hft_lightning.data.sft import (
+    IGNORE_INDEX,
+    SFTCollator,
+    SFTDataset,
+    encode_example,
+    encode_prompt,
+    trained_tokens,
+)
 
 
 def test_only_the_assistant_turn_is_trained(tiny_data):
@@ -135,14 +142,21 @@ def test_a_template_that_rewrites_earlier_turns_cannot_be_masked(tiny_data):
 
 def test_long_examples_keep_their_first_tokens_and_prompts_their_last_and_are_counted(tiny_data):
     tokenizer = tiny_data.tokenizer
-    examples = [Example("Hi", "a"), _multi_turn(), Example("A much longer question, far past the limit", "yes")]
+    examples = [
+        Example("Hi", "a"),
+        _multi_turn(),
+        Example("A much longer question, far past the limit", "yes"),
+        Example("Hi", "a much longer answer, far past the limit"),
+    ]
     full = [encode_example(tokenizer, e) for e in examples]
     prompts = [encode_prompt(tokenizer, e) for e in examples]
     limit = len(full[0]["input_ids"]) + 1
     dataset = SFTDataset(examples, tokenizer, with_prompt=True, max_length=limit, name="data.abilities['x'].val")
     with pytest.warns(UserWarning, match=rf"data\.abilities\['x'\]\.val\[1\] has {len(full[1]['input_ids'])} tokens"):
-        items = [dataset[i] for i in range(3)]
-    assert (dataset.encoded, dataset.truncated) == (3, 2)
+        items = [dataset[i] for i in range(4)]
+    # the last one keeps part of its response; the middle two keep none: their labels are all ignored
+    assert (dataset.encoded, dataset.truncated, dataset.untrained) == (4, 3, 2)
+    assert [int(trained_tokens(item["labels"])) for item in items] == [2, 0, 0, 4]
     for item, whole, prompt in zip(items, full, prompts, strict=True):
         for key in ("input_ids", "labels"):
             assert torch.equal(item[key], whole[key][:limit])

@@ -15,8 +15,8 @@ STEPS = 25
 
 
 @pytest.fixture(scope="module")
-def easy_and_hard(tmp_path_factory):
-    """A datamodule whose ``easy`` ability always answers "yes" and whose ``hard`` one answers random letters."""
+def sources(tmp_path_factory):
+    """Two file abilities: ``easy`` always answers "yes", ``hard`` answers random letters."""
     root = tmp_path_factory.mktemp("abilities")
     letters = random.Random(0)
     sources = []
@@ -28,6 +28,11 @@ def easy_and_hard(tmp_path_factory):
         sources.append(
             AbilitySource(name, str(root / f"{name}_train.jsonl"), "exact_match", str(root / f"{name}_val.jsonl"))
         )
+    return sources
+
+
+@pytest.fixture(scope="module")
+def easy_and_hard(sources):
     return StagedDataModule(abilities=sources, num_val=40, batch_size=16, vocab_size=300)
 
 
@@ -81,3 +86,11 @@ def test_prerequisites_override_difficulty(easy_and_hard, base_model):
 def test_the_probe_budget_must_be_positive(field, value):
     with pytest.raises(ConfigError, match=rf"Curriculum\.planner\.{field} must be a positive number"):
         Difficulty(**{field: value})
+
+
+def test_a_probe_sample_with_no_response_token_names_the_ability_and_max_length(sources, base_model):
+    truncated = StagedDataModule(abilities=sources, num_val=40, vocab_size=300, max_length=4)
+    with pytest.raises(
+        ConfigError, match=r"data\.abilities\['easy'\]\.val: none of the 8 probe examples .* data\.max_length=4"
+    ):
+        Probe(base_model, truncated).loss("easy", examples=8, batch_size=4)
