@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal, get_args
 
+import torch
 from torch import nn
 
 from hft_lightning.errors import ConfigError
@@ -87,3 +88,8 @@ class LoRA:
             return peft.get_peft_model(model, config)
         except ValueError as error:
             raise ConfigError(f"model.lora.target_modules={list(self.target_modules)}: {error}") from None
+
+
+# The settings are saved with the module's hyperparameters: a checkpoint holding them must load under torch.load's
+# default weights_only=True (resume, load_from_checkpoint).
+torch.serialization.add_safe_globals([LoRA])

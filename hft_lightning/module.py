@@ -297,6 +297,14 @@ class HFTModule(pl.LightningModule):
         saved = save_model(root / "model", self.model, self.tokenizer, self.lora, self.name_or_path)
         rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
 
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # setup() builds the accuracy matrix once a trainer brings the curriculum. A module loaded without one
+        # (HFTModule.load_from_checkpoint) has no matrix to restore: its rows stay in the checkpoint file.
+        if self.accuracy_matrix is None:
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
+
     def _by_ability(self, scores: torch.Tensor) -> list[float]:
         """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
         # reshape: torchmetrics squeezes a one-element result of compute() to 0-dim

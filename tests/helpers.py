@@ -4,6 +4,7 @@ import copy
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import HFTModule, StagedDataModule
 
@@ -20,13 +21,13 @@ def tiny_module(data: StagedDataModule, **overrides) -> HFTModule:
 
 
 def make_trainer(root, callbacks, **overrides) -> Trainer:
-    """A quiet, deterministic CPU trainer."""
+    """A quiet, deterministic CPU trainer; it checkpoints only through a ``ModelCheckpoint`` among ``callbacks``."""
     options = {
         "default_root_dir": root,
         "accelerator": "cpu",
         "devices": 1,
         "logger": False,
-        "enable_checkpointing": False,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,

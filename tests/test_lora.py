@@ -9,6 +9,7 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hft_lightning import HFTModule
+from hft_lightning.curriculum import Curriculum
 from hft_lightning.errors import ConfigError
 from hft_lightning.lora import LoRA
 from hft_lightning.retention import EWC
@@ -70,6 +71,7 @@ sys.modules["peft"] = None  # import peft raises ImportError
 from hft_lightning import HFTModule, StagedDataModule
 from hft_lightning.cli import main
 from hft_lightning.errors import ConfigError
+from hft_lightning.curriculum import Curriculum
 from hft_lightning.lora import LoRA
 from tests.helpers import TINY_MODEL, tiny_datamodule
 data = tiny_datamodule(abilities=["builtin:math"])
@@ -82,3 +84,28 @@ except ConfigError as error:
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "model.lora needs peft, which is not installed: pip install 'hft_lightning[lora]'" in completed.stdout
+
+
+def test_a_lora_checkpoint_resumes_and_loads_under_weights_only(tmp_path, tiny_pretrained):
+    """The LoRA settings saved with the hyperparameters load under torch.load's default ``weights_only=True``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import make_trainer, tiny_datamodule
+    from tests.test_export import TWO_STAGES
+
+    lora = LoRA(r=4, alpha=8.0, target_modules=["q_proj"], save="adapter")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    uninterrupted, data = fit_tiny(tmp_path / "a", tiny_pretrained, [checkpoint], lora=lora)
+    loaded = HFTModule.load_from_checkpoint(tmp_path / "ckpt" / "epoch=1-step=4.ckpt", tokenizer=data.tokenizer)
+    assert loaded.lora == lora
+    trained = {n: p for n, p in uninterrupted.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == set(trained)
+    for name, param in loaded.named_parameters():
+        torch.testing.assert_close(param, dict(uninterrupted.named_parameters())[name], rtol=0, atol=0, msg=name)
+    resumed = HFTModule(data.tokenizer, name_or_path=str(tiny_pretrained), max_new_tokens=4, lora=lora)
+    trainer = make_trainer(tmp_path / "b", [Curriculum(TWO_STAGES)])
+    trainer.fit(resumed, datamodule=tiny_datamodule(tokenizer_name_or_path=str(tiny_pretrained)),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")  # fmt: skip
+    assert trainer.global_step == 4
+    for name, param in resumed.named_parameters():
+        torch.testing.assert_close(param, dict(uninterrupted.named_parameters())[name], rtol=0, atol=1e-6, msg=name)
