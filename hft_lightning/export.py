@@ -5,16 +5,19 @@ folder: ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.fro
 the trained model. A LoRA run writes either the merged model (the pretrained model reloaded on the CPU, the trained
 adapters added into its weights: the training module is left as it is) or the adapter alone.
 
-The folder is built under a temporary name next to it and renamed into place, so an interrupted save never leaves a
-half-written folder: the path holds the previous complete model, or the new one, or (for the instant between the
-two renames) nothing. Weights are saved in fp32, the precision they trained in.
+The folder is built under a hidden name next to it (``.model.staging-<random>``, created with the user's umask like any
+folder) and renamed into place, so the path never holds a half-written model: it holds the previous complete model,
+or the new one, or (for the instant between the two renames) nothing. An exception or Ctrl-C during the save removes
+the hidden folder; a process killed outright leaves it behind (or, killed between the renames, the previous model
+in ``.model.old-<random>``), and the next complete save removes such leftovers. Weights are saved in fp32, the
+precision they are kept in (mixed precision keeps fp32 weights).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from torch import nn
@@ -44,7 +47,7 @@ def save_model(
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    staging = _hidden_sibling(directory, "staging")
     try:
         if lora is not None and lora.save == "merged":
             _merged(model, name_or_path, staging).save_pretrained(staging)
@@ -54,6 +57,9 @@ def save_model(
         _replace_dir(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for kind in ("staging", "old"):  # what saves killed before they could clean up left
+        for leftover in directory.parent.glob(f".{directory.name}.{kind}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     return directory
 
 
@@ -67,11 +73,18 @@ def _merged(model: nn.Module, name_or_path: str, scratch: Path) -> nn.Module:
     return merged
 
 
+def _hidden_sibling(directory: Path, kind: str) -> Path:
+    """A new empty folder ``.<name>.<kind>-<random>`` next to ``directory``, with the umask's permissions."""
+    sibling = directory.parent / f".{directory.name}.{kind}-{uuid.uuid4().hex[:12]}"
+    sibling.mkdir()
+    return sibling
+
+
 def _replace_dir(source: Path, target: Path) -> None:
     """Renames ``source`` to ``target``, moving an existing ``target`` out of the way first and deleting it after."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        old = _hidden_sibling(target, "old")
         os.replace(target, old / target.name)
     os.replace(source, target)
     if old is not None:

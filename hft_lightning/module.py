@@ -45,6 +45,9 @@ from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from hft_lightning.report import write_report
 from hft_lightning.schedule import StageSchedule
 
+CHECKPOINT_FORMAT = 1
+"""Layout of what the module and the callbacks keep in a checkpoint: raise it whenever a state's layout changes."""
+
 
 class HFTModule(pl.LightningModule):
     """A causal LM fine-tuned stage by stage: a pretrained checkpoint, or a small LLaMA-style model from a config.
@@ -107,6 +110,10 @@ class HFTModule(pl.LightningModule):
             raise ConfigError("model.lora adapts a pretrained model: set model.name_or_path too")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
+        if name_or_path is not None and Path(name_or_path).is_dir():
+            # a local folder (which from_pretrained prefers over a hub name) is recorded as an absolute path in
+            # what names the base model (a saved adapter's config), so it loads from any working directory
+            name_or_path = str(Path(name_or_path).resolve())
         self.name_or_path = name_or_path
         self.lora = lora
         self.packing = packing
@@ -298,7 +305,20 @@ class HFTModule(pl.LightningModule):
         rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hft_lightning_format"] = CHECKPOINT_FORMAT
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores the module before the callbacks: a resume from another layout stops here, before a
+        # callback meets keys it does not know.
+        found = checkpoint.get("hft_lightning_format")
+        if self._trainer is not None and self.trainer.state.fn == "fit" and found != CHECKPOINT_FORMAT:
+            raise ConfigError(
+                f"ckpt_path: the checkpoint holds hft_lightning state in format {found} (None: written before formats "
+                f"were numbered); this version resumes format {CHECKPOINT_FORMAT} only. Start the run again; "
+                "HFTModule.load_from_checkpoint(path, tokenizer=...) still loads its weights"
+            )
         # setup() builds the accuracy matrix once a trainer brings the curriculum. A module loaded without one
         # (HFTModule.load_from_checkpoint) has no matrix to restore: its rows stay in the checkpoint file.
         if self.accuracy_matrix is None:

@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from hft_lightning import Curriculum, Stage
+from hft_lightning import Curriculum, HFTModule, Stage
 from hft_lightning.errors import ConfigError
 from hft_lightning.planners import Decision, Planner, Prerequisites
 from tests.helpers import make_trainer, tiny_module
@@ -212,3 +212,17 @@ def test_a_restored_plan_wins_over_another_planner_in_the_config():
         curriculum.load_state_dict(saved)
     assert [s.name for s in curriculum.stages] == ["code", "math"]
     assert curriculum.explanation()["planner"] == "Prerequisites" and curriculum.plan()[1]["why"] == "builds on code"
+
+
+def test_a_checkpoint_in_another_state_format_is_refused_before_any_state_is_restored(tiny_data, tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _fit(tiny_data, tmp_path / "a", checkpoint=checkpoint)
+    path = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
+    state = torch.load(path, weights_only=True)
+    assert state["hft_lightning_format"] == 1
+    del state["hft_lightning_format"]  # as written before formats were numbered
+    torch.save(state, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=r"ckpt_path: the checkpoint holds hft_lightning state in format None"):
+        _fit(tiny_data, tmp_path / "b", ckpt_path=str(tmp_path / "old.ckpt"))
+    loaded = HFTModule.load_from_checkpoint(tmp_path / "old.ckpt", tokenizer=tiny_data.tokenizer)  # weights load
+    torch.testing.assert_close(loaded.state_dict(), {k: v for k, v in state["state_dict"].items() if "matrix" not in k})

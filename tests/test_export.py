@@ -1,5 +1,8 @@
 """The fine-tuned model saved at the end of fit: plain transformers loads it and computes what the module computed."""
 
+import os
+import stat
+
 import lightning as L
 import pytest
 import torch
@@ -72,3 +75,20 @@ def test_an_interrupted_save_leaves_the_previous_model_whole(tmp_path, tiny_data
     save_model(tmp_path / "model", module.model, tiny_data.tokenizer)  # and a complete save replaces it
     assert (tmp_path / "model" / "model.safetensors").read_bytes() != before["model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_the_saved_folder_has_the_umask_permissions_and_leftovers_of_killed_saves_go(tmp_path, tiny_data):
+    module = HFTModule(tiny_data.tokenizer, **TINY_MODEL)
+    killed = [tmp_path / ".model.staging-3f2a9c", tmp_path / ".model.old-b71e04"]  # what kill -9 mid-save leaves
+    for leftover in killed:
+        (leftover / "model").mkdir(parents=True)
+    unrelated = [tmp_path / ".model-backup", tmp_path / ".model.staging"]
+    for folder in unrelated:
+        folder.mkdir()
+    umask = os.umask(0o022)
+    try:
+        save_model(tmp_path / "model", module.model, tiny_data.tokenizer)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755  # readable by others, as any new folder
+    assert not any(p.exists() for p in killed) and all(p.exists() for p in unrelated)

@@ -109,3 +109,20 @@ def test_a_lora_checkpoint_resumes_and_loads_under_weights_only(tmp_path, tiny_p
     assert trainer.global_step == 4
     for name, param in resumed.named_parameters():
         torch.testing.assert_close(param, dict(uninterrupted.named_parameters())[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_saved_adapter_names_a_local_base_model_by_its_absolute_path(tmp_path, tiny_pretrained, monkeypatch):
+    import json
+
+    from hft_lightning.data.tokenizer import load_tokenizer
+    from hft_lightning.export import save_model
+
+    monkeypatch.chdir(tiny_pretrained.parent)
+    tokenizer = load_tokenizer(tiny_pretrained.name)
+    lora = LoRA(target_modules=["q_proj"], save="adapter")
+    module = HFTModule(tokenizer, name_or_path=tiny_pretrained.name, lora=lora)  # relative to the working directory
+    save_model(tmp_path / "model", module.model, tokenizer, lora, module.name_or_path)
+    config = json.loads((tmp_path / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_pretrained.resolve())
+    monkeypatch.chdir(tmp_path)
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "model")  # from anywhere
