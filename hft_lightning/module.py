@@ -281,9 +281,9 @@ class HFTModule(pl.LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        derived = self.accuracy_matrix.compute()  # a collective under DDP (a row recorded since the last compute)
         if not self.trainer.is_global_zero:
             return
-        derived = self.accuracy_matrix.compute()
         curriculum = Curriculum.of(self.trainer)
         report = write_report(
             Path(self.trainer.default_root_dir) / "report",

@@ -5,6 +5,8 @@ Run as a script, so that Lightning's DDP launcher can start the other processes 
     python tests/retention/ddp_fit.py OUT --devices 2 --batch-size 4   # 2 processes, gloo, CPU
     python tests/retention/ddp_fit.py OUT --devices 1 --batch-size 8   # the same global batches on one
 
+``--checkpoint-every N`` also saves a checkpoint every N steps into ``OUT/ckpt``; ``--ckpt-path`` resumes from one.
+
 The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
 their retention state must agree. Each process writes ``OUT/rank<r>.pt``.
 """
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -27,16 +30,22 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--ckpt-path")
     args = parser.parse_args()
     ewc, gem = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3)
+    checkpoints = []
+    if args.checkpoint_every:
+        checkpoints = [ModelCheckpoint(args.out / "ckpt", every_n_train_steps=args.checkpoint_every, save_top_k=-1)]
     module, trainer = fit(
         args.out,
-        [ewc, gem],
+        [ewc, gem, *checkpoints],
         data=tiny_datamodule(batch_size=args.batch_size),
         module_overrides={"learning_rate": 1e-20},
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         use_distributed_sampler=False,
+        ckpt_path=args.ckpt_path,
     )
     state = {
         "world_size": trainer.world_size,

@@ -4,6 +4,7 @@ Both runs train on the same global batches (2 x 4 examples, or 8 on one process)
 so the Fisher, the anchors and the GEM reference gradients are estimated at the same weights and must agree.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -36,13 +37,21 @@ def _tensors(state, prefix=""):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    ddp, single = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
-    for out, devices, batch_size in [(ddp, "2", "4"), (single, "1", "8")]:
-        result = _run(out, "--devices", devices, "--batch-size", batch_size)
-        assert result.returncode == 0, result.stderr[-3000:]
+def ddp_run(tmp_path_factory):
+    """The 2-process run, checkpointed at its last step (12), before the last stage's validation."""
+    out = tmp_path_factory.mktemp("ddp")
+    result = _run(out, "--devices", "2", "--batch-size", "4", "--checkpoint-every", "12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(ddp_run, tmp_path_factory):
+    single = tmp_path_factory.mktemp("single")
+    result = _run(single, "--devices", "1", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
     load = lambda path: _tensors(torch.load(path, weights_only=False))  # noqa: E731
-    return load(ddp / "rank0.pt"), load(ddp / "rank1.pt"), load(single / "rank0.pt")
+    return load(ddp_run / "rank0.pt"), load(ddp_run / "rank1.pt"), load(single / "rank0.pt")
 
 
 def test_every_process_holds_the_same_state(runs):
@@ -72,3 +81,12 @@ def test_lightning_distributed_sampler_is_refused():
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     with pytest.raises(ConfigError, match=r"set trainer\.use_distributed_sampler: false with 2 processes"):
         _check_trainer(trainer)
+
+
+def test_resuming_at_the_last_step_measures_the_last_row_on_every_process_and_reports(ddp_run, tmp_path):
+    """The resumed run records the skipped row and ends: compute() is a collective, run by both processes."""
+    [checkpoint] = (ddp_run / "ckpt").glob("*step=12.ckpt")
+    result = _run(tmp_path, "--devices", "2", "--batch-size", "4", "--ckpt-path", str(checkpoint))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert resumed == json.loads((ddp_run / "report" / "metrics.json").read_text())
