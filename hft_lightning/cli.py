@@ -8,10 +8,12 @@ The embedded default is the constructors' defaults plus :func:`trainer_defaults`
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
@@ -20,7 +22,7 @@ from typing_extensions import override
 from hft_lightning.curriculum import DEFAULT_STAGES, Curriculum
 from hft_lightning.data.datamodule import StagedDataModule
 from hft_lightning.errors import ConfigError, find_config_error
-from hft_lightning.module import HFTModule
+from hft_lightning.module import HFTModule, check_checkpoint_format
 
 DEFAULT_ROOT_DIR = "runs/hft"
 
@@ -65,7 +67,8 @@ class HFTCLI(LightningCLI):
     """LightningCLI with the model's checkpoint and the data's tokenizer linked, and the plan checked before any run.
 
     ``fit --plan_only=true`` decides the curriculum's order (measuring the model if the planner does), prints the
-    plan and saves ``report/plan.json``, and trains nothing.
+    plan and saves ``report/plan.json``, and trains nothing. With ``--ckpt_path`` it prints the plan the checkpoint
+    holds (the one a resumed run follows) and writes nothing.
     """
 
     def _check_plan(self) -> None:
@@ -81,6 +84,12 @@ class HFTCLI(LightningCLI):
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
             return
         curriculum = Curriculum.of(self.trainer)
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path is not None:
+            curriculum.load_state_dict(_curriculum_state(ckpt_path, curriculum))
+            print(curriculum.describe())
+            print(f"The plan of {ckpt_path}, which a resumed run follows; nothing was trained or written.")
+            return
         device = self.trainer.strategy.root_device
         curriculum.decide(model.to(device), datamodule, self.trainer.precision_plugin.train_step_context)
         print(curriculum.describe())
@@ -100,6 +109,23 @@ class HFTCLI(LightningCLI):
         stages = [asdict(s) for s in DEFAULT_STAGES]
         curriculum = {"class_path": "hft_lightning.Curriculum", "init_args": {"stages": stages}}
         parser.set_defaults({"trainer.callbacks": [curriculum, {"class_path": "hft_lightning.StageProgressBar"}]})
+
+
+def _curriculum_state(ckpt_path: str, curriculum: Curriculum) -> dict[str, Any]:
+    """The curriculum's state in a checkpoint file, read without loading its tensors into memory.
+
+    Raises:
+        ConfigError: Naming ``--ckpt_path``, if the file cannot be read, is in another format or has no curriculum.
+    """
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise ConfigError(f"--ckpt_path: cannot read a checkpoint from {ckpt_path!r}: {error}") from None
+    check_checkpoint_format(checkpoint)
+    state = checkpoint.get("callbacks", {}).get(curriculum.state_key)
+    if state is None:
+        raise ConfigError(f"--ckpt_path: {ckpt_path!r} holds no {curriculum.state_key} state")
+    return state
 
 
 def main(args: list[str] | None = None, run: bool = True) -> HFTCLI:

@@ -17,7 +17,8 @@ Order: a :mod:`planner <hft_lightning.planners>` decides the order of the *singl
 mixture trains one ability); mixture stages keep their configured positions. A planner that only reads the config
 (explicit, prerequisites) decides when the curriculum is built. A planner that measures the model decides in
 ``on_fit_start``: the model is on its device and a checkpoint's state is restored by then, and a restored plan is
-kept, never measured again. ``configure_optimizers`` runs just before that hook, so if the plan moves stages of
+kept, never measured again. Under DDP rank 0 measures and broadcasts its plan, so every process trains the same
+order. ``configure_optimizers`` runs just before that hook, so if the plan moves stages of
 different lengths the optimizers are set up again for the learning-rate schedule to follow the plan; the datamodule
 and the retention callbacks read the stages only once training starts. The plan is printed, saved to
 ``report/plan.json`` and kept in :meth:`Curriculum.state_dict`.
@@ -130,6 +131,17 @@ def _check_trainer(trainer: pl.Trainer) -> None:
         )
 
 
+def _describe(planner: Planner) -> dict[str, Any]:
+    """Which planner decides, as ``plan.json`` and the checkpoint record it: its class name and its arguments."""
+    return {"planner": type(planner).__name__, "settings": planner.settings()}
+
+
+def _as_call(described: dict[str, Any]) -> str:
+    """What :func:`_describe` returns, written as the call that builds the planner: ``Affinity(examples=32, ...)``."""
+    arguments = ", ".join(f"{name}={value!r}" for name, value in described["settings"].items())
+    return f"{described['planner']}({arguments})"
+
+
 class Curriculum(Callback):
     """Runs a plan of stages, one ability (or mixture) each, inside one ``trainer.fit``.
 
@@ -164,12 +176,23 @@ class Curriculum(Callback):
         self._why = {s.name: MIXTURE_WHY for s in self.configured if _single_ability(s) is None}
         self._measurements: dict[str, Any] = {}
         self._probe_cost: dict[str, float] | None = None
-        self._decided_by = type(self.planner).__name__
+        self._decided_by = _describe(self.planner)
         self.started = -1
         self.ended = -1
         self._trainer: pl.Trainer | None = None
         if not self.planner.measures:
             self._adopt(self.planner.order(self._abilities_to_order(), probe=None))
+
+    def _restore_plan(self, plan: dict[str, Any]) -> None:
+        """Adopts a plan as :meth:`state_dict` holds it (``order`` and ``explanation``), decided elsewhere."""
+        explanation = plan["explanation"]
+        by_name = {s.name: s for s in self.configured}
+        self.stages = [by_name[name] for name in plan["order"]]
+        self._why = {s["name"]: s["why"] for s in explanation["stages"]}
+        self._measurements = explanation["measurements"]
+        self._probe_cost = explanation["probe"]
+        self._decided_by = {"planner": explanation["planner"], "settings": explanation["settings"]}
+        self.planned = True
 
     def _abilities_to_order(self) -> list[str]:
         """The abilities of the single-ability stages, in configured order."""
@@ -294,7 +317,10 @@ class Curriculum(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.planned:
             lengths = [s.steps for s in self.stages]
-            self.decide(pl_module, trainer.datamodule, trainer.precision_plugin.train_step_context)
+            if trainer.is_global_zero:
+                self.decide(pl_module, trainer.datamodule, trainer.precision_plugin.train_step_context)
+            # Every process follows rank 0's plan: the same measurement can round differently on another device.
+            self._restore_plan(trainer.strategy.broadcast(self._plan_state() if trainer.is_global_zero else None))
             if [s.steps for s in self.stages] != lengths:  # the schedule configure_optimizers built is per stage
                 trainer.strategy.setup_optimizers(trainer)
         rank_zero_info(self.describe())
@@ -353,13 +379,13 @@ class Curriculum(Callback):
         """The plan and how it was decided, as saved in ``report/plan.json``.
 
         Returns:
-            ``planner`` (the class name of the planner that decided), ``rule`` (which stages the planner moves),
-            ``configured_order`` (stage names), ``stages`` (:meth:`plan`), ``measurements`` (what the planner
-            measured: ``difficulty`` or ``affinity``) and ``probe`` (``examples`` and ``seconds`` the measurement
-            cost; ``None`` if nothing was measured).
+            ``planner`` (the class name of the planner that decided), ``settings`` (its arguments), ``rule`` (which
+            stages the planner moves), ``configured_order`` (stage names), ``stages`` (:meth:`plan`),
+            ``measurements`` (what the planner measured: ``difficulty`` or ``affinity``) and ``probe`` (``examples``
+            and ``seconds`` the measurement cost; ``None`` if nothing was measured).
         """
         return {
-            "planner": self._decided_by,
+            **self._decided_by,
             "rule": ORDER_RULE,
             "configured_order": [s.name for s in self.configured],
             "stages": self.plan(),
@@ -377,15 +403,17 @@ class Curriculum(Callback):
             rows.append((str(i), stage.name, trains, str(stage.steps), self._reason(stage)))
         widths = [max(len(row[c]) for row in rows) for c in range(4)]
         lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows]
-        return f"Curriculum plan (planner: {self._decided_by}{cost}; {ORDER_RULE})\n" + "\n".join(lines)
+        return f"Curriculum plan (planner: {self._decided_by['planner']}{cost}; {ORDER_RULE})\n" + "\n".join(lines)
+
+    def _plan_state(self) -> dict[str, Any]:
+        return {"order": [s.name for s in self.stages], "explanation": self.explanation()}
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "configured": [asdict(s) for s in self.configured],
             "planned": self.planned,
-            "order": [s.name for s in self.stages],
-            "explanation": self.explanation(),
+            **self._plan_state(),
             "started": self.started,
             "ended": self.ended,
         }
@@ -400,17 +428,13 @@ class Curriculum(Callback):
             )
         if state_dict["planned"]:
             explanation = state_dict["explanation"]
-            if explanation["planner"] != type(self.planner).__name__:
+            configured_planner = _describe(self.planner)
+            decided_by = {key: explanation[key] for key in configured_planner}
+            if decided_by != configured_planner:
                 rank_zero_warn(
-                    f"Curriculum.planner is {type(self.planner).__name__} but the checkpoint's plan was decided by "
-                    f"{explanation['planner']}; the run continues with the checkpoint's plan"
+                    f"Curriculum.planner is {_as_call(configured_planner)} but the checkpoint's plan was decided by "
+                    f"{_as_call(decided_by)}; the run continues with the checkpoint's plan"
                 )
-            by_name = {s.name: s for s in self.configured}
-            self.stages = [by_name[name] for name in state_dict["order"]]
-            self._why = {s["name"]: s["why"] for s in explanation["stages"]}
-            self._measurements = explanation["measurements"]
-            self._probe_cost = explanation["probe"]
-            self._decided_by = explanation["planner"]
-            self.planned = True
+            self._restore_plan(state_dict)
         self.started = state_dict["started"]
         self.ended = state_dict["ended"]

@@ -312,13 +312,8 @@ class HFTModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning restores the module before the callbacks: a resume from another layout stops here, before a
         # callback meets keys it does not know.
-        found = checkpoint.get("hft_lightning_format")
-        if self._trainer is not None and self.trainer.state.fn == "fit" and found != CHECKPOINT_FORMAT:
-            raise ConfigError(
-                f"ckpt_path: the checkpoint holds hft_lightning state in format {found} (None: written before formats "
-                f"were numbered); this version resumes format {CHECKPOINT_FORMAT} only. Start the run again; "
-                "HFTModule.load_from_checkpoint(path, tokenizer=...) still loads its weights"
-            )
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            check_checkpoint_format(checkpoint)
         # setup() builds the accuracy matrix once a trainer brings the curriculum. A module loaded without one
         # (HFTModule.load_from_checkpoint) has no matrix to restore: its rows stay in the checkpoint file.
         if self.accuracy_matrix is None:
@@ -341,6 +336,21 @@ class HFTModule(pl.LightningModule):
         schedule = StageSchedule(stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_checkpoint_format(checkpoint: dict[str, Any]) -> None:
+    """Checks that a loaded checkpoint holds the state layout this version resumes (:data:`CHECKPOINT_FORMAT`).
+
+    Raises:
+        ConfigError: Naming ``ckpt_path``, the checkpoint's format and this version's.
+    """
+    found = checkpoint.get("hft_lightning_format")
+    if found != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"ckpt_path: the checkpoint holds hft_lightning state in format {found} (None: written before formats "
+            f"were numbered); this version resumes format {CHECKPOINT_FORMAT} only. Start the run again; "
+            "HFTModule.load_from_checkpoint(path, tokenizer=...) still loads its weights"
+        )
 
 
 def _load_pretrained(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -204,3 +204,32 @@ def test_plan_only_is_refused_outside_fit(tmp_path, capsys):
         main(["validate", "--plan_only=true", f"--trainer.default_root_dir={tmp_path}", *TINY_FLAGS])
     assert exit_info.value.code == 2
     assert "--plan_only applies to fit only, not to validate" in capsys.readouterr().err
+
+
+def test_plan_only_with_a_checkpoint_prints_the_plan_a_resumed_run_follows_and_writes_nothing(tmp_path, capsys):
+    plan = """
+trainer:
+  callbacks:
+    - class_path: hft_lightning.Curriculum
+      init_args:
+        stages: [{name: math, steps: 1, mixture: {math: 1.0}}, {name: code, steps: 1, mixture: {code: 1.0}}]
+        planner: {class_path: hft_lightning.planners.Explicit, init_args: {reverse: %s}}
+"""
+    reversed_plan, configured_plan = tmp_path / "reversed.yaml", tmp_path / "configured.yaml"
+    reversed_plan.write_text(plan % "true")
+    configured_plan.write_text(plan % "false")
+    root = tmp_path / "run"
+    common = [f"--trainer.default_root_dir={root}", "--trainer.logger=false", *TINY_FLAGS]
+    main(["fit", "--config", str(reversed_plan), *common])
+    checkpoint = next(root.rglob("*.ckpt"))
+    written = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"planner is Explicit\(reverse=False\) but .* by Explicit\(reverse=True\)"):
+        main(["fit", "--config", str(configured_plan), "--plan_only=true", f"--ckpt_path={checkpoint}", *common])
+    printed = capsys.readouterr().out
+    assert re.search(r"1  code +code +1 +configured order, reversed\n2  math ", printed), printed
+    assert f"The plan of {checkpoint}, which a resumed run follows; nothing was trained or written." in printed
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == written
+    with pytest.raises(SystemExit):
+        main(["fit", "--plan_only=true", f"--ckpt_path={tmp_path / 'missing.ckpt'}", *common])
+    assert "hft_lightning: error: --ckpt_path: cannot read a checkpoint from" in capsys.readouterr().err

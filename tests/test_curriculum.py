@@ -204,14 +204,27 @@ def test_a_resumed_run_keeps_the_checkpoints_plan_without_measuring_again(tiny_d
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True, msg=name)
 
 
-def test_a_restored_plan_wins_over_another_planner_in_the_config():
+@pytest.mark.parametrize(
+    ("configured", "warning"),
+    [
+        (None, r"is Explicit\(reverse=False\) but the checkpoint's plan was decided by "
+               r"Prerequisites\(prerequisites=\{'math': \['code'\]\}\); the run continues with the checkpoint's plan"),
+        (Prerequisites({}), r"is Prerequisites\(prerequisites=\{\}\) but .* decided by Prerequisites\(prerequisites="),
+        (Prerequisites({"math": ["code"]}), None),
+    ],
+    ids=["another-planner", "other-settings", "same"],
+)  # fmt: skip
+def test_a_restored_plan_wins_over_another_planner_or_settings_in_the_config(configured, warning):
+    import warnings
+
     stages = [Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0})]
     saved = Curriculum(stages, planner=Prerequisites({"math": ["code"]})).state_dict()
-    curriculum = Curriculum(stages)
-    with pytest.warns(UserWarning, match="decided by Prerequisites; the run continues with the checkpoint's plan"):
+    curriculum = Curriculum(stages, planner=configured)
+    with pytest.warns(UserWarning, match=warning) if warning else warnings.catch_warnings(action="error"):
         curriculum.load_state_dict(saved)
     assert [s.name for s in curriculum.stages] == ["code", "math"]
     assert curriculum.explanation()["planner"] == "Prerequisites" and curriculum.plan()[1]["why"] == "builds on code"
+    assert curriculum.explanation()["settings"] == {"prerequisites": {"math": ["code"]}}
 
 
 def test_a_checkpoint_in_another_state_format_is_refused_before_any_state_is_restored(tiny_data, tmp_path):

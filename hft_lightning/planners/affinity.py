@@ -10,9 +10,12 @@ with :func:`hft_kernels.gem_dots` (the Gram matrix GEM uses). Stages whose gradi
 - above that, a greedy chain: from each possible first ability, append the allowed ability most similar to the
   last one; the best of these chains wins.
 
-Ties go to the order closest to the config's. The probe keeps the k gradients (k x the trainable parameters in
-fp32) until the matrix is computed. The matrix is kept on the plan (:attr:`hft_lightning.Curriculum.affinity`), for
-example to scale retention strength by how much two abilities interfere.
+Ties go to the order closest to the config's: a chain and its reverse always tie (the matrix is symmetric), and
+scores within :data:`TIE_TOLERANCE` of each other count as equal, so the last bits of a measurement (which differ
+across devices and summation orders) never decide the plan. The probe keeps the k gradients (k x the trainable
+parameters in fp32) until the matrix is computed. The matrix is kept on the plan
+(:attr:`hft_lightning.Curriculum.affinity`), for example to scale retention strength by how much two abilities
+interfere.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from hft_lightning.planners.probe import Probe
 
 EXACT_SEARCH_MAX = 8
 """Up to this many single-ability stages every allowed order is tried; above it, the greedy chain."""
+TIE_TOLERANCE = 1e-6
+"""Chains whose summed affinities differ by less than this are equally good (cosines are measured in fp32)."""
 
 
 class Affinity(Planner):
@@ -75,9 +80,11 @@ class Affinity(Planner):
 def cosine_matrix(gradients: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """The k x k cosine similarities of k gradients (each a list of tensors shaped like the parameters), fp32.
 
-    A zero gradient has cosine 0 with everything, itself included.
+    A zero gradient has cosine 0 with everything, itself included. The matrix is exactly symmetric (``<g_i, g_j>``
+    and ``<g_j, g_i>`` are accumulated separately, so their mean is taken).
     """
     _, gram = gem_dots(gradients[0], gradients)
+    gram = (gram + gram.T) / 2
     norms = gram.diagonal().sqrt()
     return (gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float32).tiny)).cpu()
 
@@ -93,24 +100,27 @@ def _allowed(chain: Sequence[int], prerequisites: PrerequisiteMap) -> bool:
 def best_chain(matrix: list[list[float]], items: list[int], prerequisites: PrerequisiteMap) -> list[int]:
     """The allowed order of ``items`` with the highest summed affinity of neighbours, by trying them all.
 
-    Orders are tried in lexicographic order of ``items`` and only a strictly better one replaces the best, so ties
-    go to the order closest to ``items``.
+    Orders are tried in lexicographic order of ``items`` and only one better by more than :data:`TIE_TOLERANCE`
+    replaces the best, so ties go to the order closest to ``items``.
     """
     best, best_score = list(items), float("-inf")
     for chain in itertools.permutations(items):
-        if _allowed(chain, prerequisites) and _score(matrix, chain) > best_score:
+        if _allowed(chain, prerequisites) and _score(matrix, chain) > best_score + TIE_TOLERANCE:
             best, best_score = list(chain), _score(matrix, chain)
     return best
 
 
 def greedy_chain(matrix: list[list[float]], items: list[int], prerequisites: PrerequisiteMap) -> list[int]:
-    """From each allowed first item, append the allowed item most similar to the last; the best chain wins."""
+    """From each allowed first item, append the allowed item most similar to the last; the best chain wins.
+
+    Ties, within :data:`TIE_TOLERANCE`, go to the chain started from the earliest item of ``items``.
+    """
     best, best_score = list(items), float("-inf")
     for first in (i for i in items if ready(i, [], prerequisites)):
         chain = [first]
         while len(chain) < len(items):
             candidates = [i for i in items if i not in chain and ready(i, chain, prerequisites)]
             chain.append(max(candidates, key=lambda i: matrix[chain[-1]][i]))  # max keeps the first of equals
-        if _score(matrix, chain) > best_score:
+        if _score(matrix, chain) > best_score + TIE_TOLERANCE:
             best, best_score = chain, _score(matrix, chain)
     return best

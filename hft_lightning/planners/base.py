@@ -83,6 +83,14 @@ class Planner(ABC):
             probe: Measures the model and data; ``None`` for a planner that does not measure.
         """
 
+    def settings(self) -> dict[str, Any]:
+        """The planner's arguments, saved with the plan: a resumed run compares them with its own.
+
+        The default is the planner's public attributes, which are its arguments; a planner whose attributes are
+        anything else (or not JSON values) overrides it.
+        """
+        return {name: value for name, value in vars(self).items() if not name.startswith("_")}
+
     def reason(self, ability: str, measured: str = "") -> str:
         """``measured`` and the prerequisites of ``ability``, when there are any: a row of the plan table."""
         before = self.prerequisites.get(ability, [])

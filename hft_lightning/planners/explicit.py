@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from typing_extensions import override
 
@@ -26,6 +27,10 @@ class Explicit(Planner):
     def __init__(self, reverse: bool = False):
         super().__init__()
         self.reverse = reverse
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {"reverse": self.reverse}  # it takes no prerequisites
 
     @override
     def check(self, abilities: Sequence[str]) -> None:

@@ -77,3 +77,20 @@ def test_more_abilities_than_the_exact_limit_use_the_greedy_chain():
     decision = Affinity().order(names, FixedGradients(gradients))
     assert decision.measurements["affinity"]["search"] == "greedy"
     assert sorted(decision.order) == sorted(names)
+
+
+@pytest.mark.parametrize("search", [best_chain, greedy_chain], ids=["exact", "greedy"])
+def test_a_chain_and_its_reverse_tie_whatever_the_last_bits_and_the_config_order_wins(search):
+    # 0-1-2 and 2-1-0 are the best chains; a rounding difference of 1e-9 favours the reverse one
+    matrix = [[1.0, 0.5, -0.3], [0.5, 1.0, 0.4], [-0.3, 0.4 + 1e-9, 1.0]]
+    assert search(matrix, [0, 1, 2], {}) == [0, 1, 2]
+    assert search(matrix, [2, 1, 0], {}) == [2, 1, 0]
+    matrix[2][1] += 1e-3  # a real difference decides
+    assert search(matrix, [0, 1, 2], {}) == [2, 1, 0]
+
+
+def test_the_measured_matrix_is_exactly_symmetric():
+    generator = torch.Generator().manual_seed(1)
+    gradients = [[torch.randn(1000, generator=generator) * 10 ** (i - 2)] for i in range(5)]
+    matrix = cosine_matrix(gradients)
+    assert torch.equal(matrix, matrix.T)

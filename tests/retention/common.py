@@ -27,11 +27,16 @@ class GradientProbe(Callback):
         self.weights.append({n: p.detach().clone() for n, p in named})
 
 
-def fit(root, callbacks, data=None, stages=THREE_STAGES, module_overrides=None, ckpt_path=None, **trainer_overrides):
-    """Fits the tiny model through ``stages`` with ``callbacks`` after the curriculum; returns module, trainer."""
+def fit(
+    root, callbacks, data=None, stages=THREE_STAGES, planner=None, module_overrides=None, ckpt_path=None, **overrides
+):
+    """Fits the tiny model through ``stages`` with ``callbacks`` after the curriculum; returns module, trainer.
+
+    ``overrides`` are the trainer's (:func:`tests.helpers.make_trainer`).
+    """
     L.seed_everything(0)
     data = data or tiny_datamodule()
     module = tiny_module(data, **(module_overrides or {}))
-    trainer = make_trainer(root, [Curriculum(stages), *callbacks], **trainer_overrides)
+    trainer = make_trainer(root, [Curriculum(stages, planner), *callbacks], **overrides)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, trainer

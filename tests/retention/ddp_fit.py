@@ -6,6 +6,7 @@ Run as a script, so that Lightning's DDP launcher can start the other processes 
     python tests/retention/ddp_fit.py OUT --devices 1 --batch-size 8   # the same global batches on one
 
 ``--checkpoint-every N`` also saves a checkpoint every N steps into ``OUT/ckpt``; ``--ckpt-path`` resumes from one.
+``--rank-dependent-planner`` orders the stages with a planner whose measurement differs on every process.
 
 The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
 their retention state must agree. Each process writes ``OUT/rank<r>.pt``.
@@ -20,9 +21,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from hft_lightning import Curriculum
+from hft_lightning.planners import Decision, Planner, Probe
 from hft_lightning.retention import EWC, GEM
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
+
+
+class RankDependent(Planner):
+    """A measuring planner that decides another order on each process, as rounding on other devices could."""
+
+    measures = True
+
+    def order(self, abilities: list[str], probe: Probe | None) -> Decision:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        order = list(abilities) if rank == 0 else abilities[::-1]
+        return Decision(order, dict.fromkeys(order, f"measured on rank {rank}"))
 
 
 def main() -> None:
@@ -32,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--ckpt-path")
+    parser.add_argument("--rank-dependent-planner", action="store_true")
     args = parser.parse_args()
     ewc, gem = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3)
     checkpoints = []
@@ -40,6 +55,7 @@ def main() -> None:
     module, trainer = fit(
         args.out,
         [ewc, gem, *checkpoints],
+        planner=RankDependent() if args.rank_dependent_planner else None,
         data=tiny_datamodule(batch_size=args.batch_size),
         module_overrides={"learning_rate": 1e-20},
         devices=args.devices,
@@ -49,6 +65,7 @@ def main() -> None:
     )
     state = {
         "world_size": trainer.world_size,
+        "plan": Curriculum.of(trainer).plan(),
         "params": {n: p.detach().clone() for n, p in module.named_parameters()},
         "ewc": ewc.state_dict(),
         "gem": gem.state_dict(),

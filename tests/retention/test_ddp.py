@@ -90,3 +90,12 @@ def test_resuming_at_the_last_step_measures_the_last_row_on_every_process_and_re
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert resumed == json.loads((ddp_run / "report" / "metrics.json").read_text())
+
+
+def test_every_process_follows_the_plan_rank_zero_measured(tmp_path):
+    result = _run(tmp_path, "--devices", "2", "--batch-size", "4", "--rank-dependent-planner")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plans = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["plan"] for r in (0, 1)]
+    assert plans[0] == plans[1]
+    assert [s["name"] for s in plans[0]] == ["math", "code", "general"]
+    assert {s["why"] for s in plans[0]} == {"measured on rank 0"}
