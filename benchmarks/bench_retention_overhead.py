@@ -63,13 +63,14 @@ class StepTimer(Callback):
             self.seconds.append(time.perf_counter() - self._start)
 
 
-def _state_bytes(state) -> int:
+def state_bytes(state) -> int:
+    """Bytes of the tensors in ``state`` (nested dicts, lists and tuples walked)."""
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
-        return sum(_state_bytes(v) for v in state.values())
+        return sum(state_bytes(v) for v in state.values())
     if isinstance(state, list | tuple):
-        return sum(_state_bytes(v) for v in state)
+        return sum(state_bytes(v) for v in state)
     return 0
 
 
@@ -93,7 +94,7 @@ def measure(name: str, data: StagedDataModule, steps: int, device: str) -> dict:
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "step_ms": 1000 * statistics.fmean(timer.seconds[2:]),
-        "state_bytes_over_params": sum(_state_bytes(m.state_dict()) for m in methods) / trainable,
+        "state_bytes_over_params": sum(state_bytes(m.state_dict()) for m in methods) / trainable,
     }
 
 
