@@ -18,10 +18,10 @@ mixture trains one ability); mixture stages keep their configured positions. A p
 (explicit, prerequisites) decides when the curriculum is built. A planner that measures the model decides in
 ``on_fit_start``: the model is on its device and a checkpoint's state is restored by then, and a restored plan is
 kept, never measured again. Under DDP rank 0 measures and broadcasts its plan, so every process trains the same
-order. ``configure_optimizers`` runs just before that hook, so if the plan moves stages of
-different lengths the optimizers are set up again for the learning-rate schedule to follow the plan; the datamodule
-and the retention callbacks read the stages only once training starts. The plan is printed, saved to
-``report/plan.json`` and kept in :meth:`Curriculum.state_dict`.
+order. ``configure_optimizers`` runs just before that hook, so if the plan moves stages of different lengths the
+optimizers are set up again for the learning-rate schedule to follow the plan; the datamodule and the retention
+callbacks read the stages only once training starts. The plan is printed, saved to ``report/plan.json`` and kept in
+:meth:`Curriculum.state_dict`.
 """
 
 from __future__ import annotations
