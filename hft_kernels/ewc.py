@@ -102,6 +102,7 @@ def _ewc_torch(lists: list[list[torch.Tensor]], lam: float, device: torch.device
     return torch.stack(sums).sum()
 
 
+@torch.no_grad()
 def ewc_penalty_(
     params: Sequence[torch.Tensor],
     anchors: Sequence[torch.Tensor],

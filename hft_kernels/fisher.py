@@ -70,6 +70,7 @@ def _fisher_torch(lists: list[list[torch.Tensor]], decay: float, scale: float) -
         mt.copy_flat_(fisher, torch.addcmul(mt.flat_f32(fisher).mul_(decay), g, g, value=scale))
 
 
+@torch.no_grad()
 def fisher_accumulate_(
     fisher: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],

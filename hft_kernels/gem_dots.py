@@ -110,6 +110,7 @@ def check_refs(grads: Sequence[torch.Tensor], refs: Sequence[Sequence[torch.Tens
     return device
 
 
+@torch.no_grad()
 def gem_dots(
     grads: Sequence[torch.Tensor],
     refs: Sequence[Sequence[torch.Tensor]],

@@ -152,6 +152,7 @@ def solve_gem_dual(gram: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, u * scale, torch.nan).float()
 
 
+@torch.no_grad()
 def gem_project_(
     grads: Sequence[torch.Tensor],
     refs: Sequence[Sequence[torch.Tensor]],

@@ -22,7 +22,7 @@ from hft_kernels import gem_project_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
-from hft_lightning.retention.memory import ExampleMemory
+from hft_lightning.retention.memory import ExampleMemory, Item
 from hft_lightning.retention.references import ReferenceGradients
 
 
@@ -64,13 +64,18 @@ class AGEM(RetentionCallback):
         items = self.memory.all_items()
         if not items:
             return
-        if self.references.due(trainer.global_step):
-            generator = torch.Generator().manual_seed(trainer.datamodule.seed * 1_000_003 + trainer.global_step)
-            drawn = torch.randperm(len(items), generator=generator)[: self.batch_size].tolist()
-            ref = loss_gradient(trainer, pl_module, list(params.values()), [items[i] for i in drawn], self.batch_size)
-            self.references.update({"memory": dict(zip(params, ref, strict=True))}, trainer.global_step)
+        self.references.refresh(trainer.global_step, lambda: self._averaged(trainer, pl_module, params, items))
         v = gem_project_([p.grad for p in params.values()], self.references.ordered(params))
         pl_module.log("retention/agem_violated", (v > 0).sum().float())
+
+    def _averaged(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: dict[str, nn.Parameter], items: list[Item]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The gradient over a batch drawn from the whole memory (seeded by the step: the same after a resume)."""
+        generator = torch.Generator().manual_seed(trainer.datamodule.seed * 1_000_003 + trainer.global_step)
+        drawn = torch.randperm(len(items), generator=generator)[: self.batch_size].tolist()
+        ref = loss_gradient(trainer, pl_module, list(params.values()), [items[i] for i in drawn], self.batch_size)
+        return {"memory": dict(zip(params, ref, strict=True))}
 
     @override
     def state_dict(self) -> dict[str, Any]:

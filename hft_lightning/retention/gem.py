@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import override
 
 from hft_kernels import MAX_REFS, gem_project_
@@ -70,15 +70,19 @@ class GEM(RetentionCallback):
     ) -> None:
         if not self.memory.abilities:
             return
-        if self.references.due(trainer.global_step):
-            theta = list(params.values())
-            refs = {}
-            for ability in self.memory.abilities:
-                ref = loss_gradient(trainer, pl_module, theta, self.memory.items(ability), self.batch_size)
-                refs[ability] = dict(zip(params, ref, strict=True))
-            self.references.update(refs, trainer.global_step)
+        self.references.refresh(trainer.global_step, lambda: self._per_ability(trainer, pl_module, params))
         v = gem_project_([p.grad for p in params.values()], self.references.ordered(params))
         pl_module.log("retention/gem_violated", (v > 0).sum().float())
+
+    def _per_ability(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: dict[str, nn.Parameter]
+    ) -> dict[str, dict[str, Tensor]]:
+        """One reference gradient per remembered ability, over all its remembered examples."""
+        refs = {}
+        for ability in self.memory.abilities:
+            ref = loss_gradient(trainer, pl_module, list(params.values()), self.memory.items(ability), self.batch_size)
+            refs[ability] = dict(zip(params, ref, strict=True))
+        return refs
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ as the uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,13 +29,16 @@ class ReferenceGradients:
         self.refs: dict[str, dict[str, torch.Tensor]] = {}
         self.step = -1
 
-    def due(self, step: int) -> bool:
-        """Whether the references must be recomputed at optimizer step ``step``."""
-        return not self.refs or step - self.step >= self.every
+    def refresh(self, step: int, compute: Callable[[], dict[str, dict[str, torch.Tensor]]]) -> None:
+        """Recomputes the references with ``compute`` if they are due at optimizer step ``step``.
 
-    def update(self, refs: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        """Replaces the references with ``refs``, computed at optimizer step ``step``."""
-        self.refs, self.step = refs, step
+        The old references are dropped before ``compute`` runs, so a refresh holds the new ones only: k copies of
+        the trainable parameters at its peak, not 2k.
+        """
+        if self.refs and step - self.step < self.every:
+            return
+        self.refs = {}
+        self.refs, self.step = compute(), step
 
     def clear(self) -> None:
         """Drops the references (the memory changed): the next step recomputes them."""

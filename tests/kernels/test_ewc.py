@@ -118,7 +118,18 @@ def test_rejects_misaligned_lists(mutate, message):
 
 
 @linux_only
-def test_reference_allocates_no_model_sized_temporary():
-    build = "[[torch.full((n,), v) for n in sizes] for v in (1.0, 0.5, 2.0, 0.0)]"
+@pytest.mark.parametrize("parameters", [False, True], ids=["tensors", "parameters"])
+def test_reference_allocates_no_model_sized_temporary(parameters):
+    # a model's parameters require grad: the op must build no autograd graph (it would keep every bucket alive)
+    tensor = f"torch.full((n,), v).requires_grad_({parameters} and v == 1.0)"  # v == 1.0: the parameters
+    build = f"[[{tensor} for n in sizes] for v in (1.0, 0.5, 2.0, 0.0)]"
     growth = peak_growth_mib(build, "from hft_kernels import ewc_penalty_; ewc_penalty_(*lists, lam=1.0)")
     assert growth < MODEL_MIB / 4, f"reference grew the peak by {growth:.1f} MiB on a {MODEL_MIB} MiB model"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_that_require_grad_give_a_penalty_without_a_graph(backend):
+    params, anchors, fisher, grads = _inputs("mixed", torch.float32)
+    params = [torch.nn.Parameter(p) for p in params]
+    penalty = ewc_penalty_(params, anchors, fisher, grads, LAM, backend=backend)
+    assert penalty.grad_fn is None and not penalty.requires_grad

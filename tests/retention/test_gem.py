@@ -115,3 +115,19 @@ def test_agem_ref_every_reuses_the_reference_until_due_and_after_each_consolidat
         if used[0] == step:  # refreshed now: the reference is the one the oracle computes from this step's draw
             np.testing.assert_allclose(r, _flat(fresh, names), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(x, g - min(0.0, g @ r) / (r @ r) * r, rtol=1e-4, atol=1e-7)
+
+
+def test_references_refresh_every_n_steps_dropping_the_old_ones_before_computing():
+    from hft_lightning.retention.references import ReferenceGradients
+
+    references = ReferenceGradients(every=2)
+    held_while_computing = []
+
+    def compute(value):
+        held_while_computing.append(dict(references.refs))
+        return {"math": {"w": torch.full((3,), value)}}
+
+    for step in range(5):
+        references.refresh(step, lambda step=step: compute(float(step)))
+    assert len(held_while_computing) == 3 and all(held == {} for held in held_while_computing)  # steps 0, 2, 4
+    assert references.step == 4 and torch.equal(references.refs["math"]["w"], torch.full((3,), 4.0))
