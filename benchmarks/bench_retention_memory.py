@@ -3,7 +3,9 @@
 Peak memory is a high-water mark of the whole process, so every method trains in a fresh process: a short mixed
 stage that ends with a consolidation (k = 3 remembered abilities: EWC's Fisher passes, GEM's memory), then a stage
 the method protects. The peak, over the whole fit, is ``torch.cuda.max_memory_allocated`` on a GPU and the peak
-resident set size (``ru_maxrss``, Linux) on a CPU, where it also holds the interpreter, the libraries and the data.
+resident set size (``ru_maxrss``, Linux) on a CPU, where it also holds the interpreter, the libraries and the data;
+there the children run with a fixed glibc mmap threshold, so every freed tensor goes back to the system and the
+resident peak follows the live tensors, not the allocator's caching.
 Plain SFT runs first and last; the method's added peak is its peak minus the mean of the two, and the two SFT peaks'
 difference is the noise floor printed with it. The model is the embedded LLaMA-style one made wider (29M parameters
 by default) so that parameter-sized buffers stand out of that noise. Rows, with the memory each method keeps between
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -79,7 +82,8 @@ def train(method: str, hidden_size: int, num_layers: int, device: str) -> dict:
 def _in_fresh_process(method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", method, "--hidden-size", str(args.hidden_size),
                "--num-layers", str(args.num_layers), "--device", args.device]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # blocks over 64 KiB: their own mappings, freed on free
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode:
         raise RuntimeError(f"{method} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
