@@ -4,12 +4,15 @@ A short mixed stage (all abilities) ends with a consolidation, so the timed stag
 abilities (GEM's k = 3). Each method trains the same timed stage from the same seed; a step is timed from
 ``on_train_batch_start`` (before Replay edits the batch) to ``on_train_batch_end`` (after the optimizer step),
 the mean over the stage's steps after two warm-up steps (a mean, not a median: with ``ref_every > 1`` one step in
-``ref_every`` pays for the references, and the mean charges it). The script also measures the memory each method
-keeps between steps (the tensors of its ``state_dict``) as a multiple of the trainable parameter bytes.
+``ref_every`` pays for the references, and the mean charges it). The methods take turns, SFT first, for
+``--rounds`` rounds; each method's ratio is taken against the SFT of its own round and the median over rounds is
+reported with its range, so a slow spell of a shared machine shows as a spread instead of moving one method. The
+script also measures the memory each method keeps between steps (the tensors of its ``state_dict``) as a multiple
+of the trainable parameter bytes.
 Results are printed and appended to ``benchmarks/results/retention_overhead.jsonl`` with the device name.
 
-    python benchmarks/bench_retention_overhead.py                 # every method, 30 timed steps
-    python benchmarks/bench_retention_overhead.py --methods sft ewc --steps 5
+    python benchmarks/bench_retention_overhead.py                 # every method, 30 timed steps, 3 rounds
+    python benchmarks/bench_retention_overhead.py --methods ewc --steps 5 --rounds 1
 """
 
 from __future__ import annotations
@@ -101,20 +104,28 @@ def measure(name: str, data: StagedDataModule, steps: int, device: str) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="Retention overhead per optimizer step, against plain SFT.")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per method and round")
+    parser.add_argument("--rounds", type=int, default=3, help="times every method is measured, taking turns")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     data = StagedDataModule(num_train=500, num_val=4, val_batch_size=4)
-    rows = [measure(name, data, args.steps, args.device) for name in ["sft", *(m for m in args.methods if m != "sft")]]
-    baseline = rows[0]["step_ms"]
-    print(f"{'method':18s} {'ms/step':>8s} {'x sft':>6s} {'state/params':>12s}   ({rows[0]['device']})")
-    for row in rows:
-        row["ratio_vs_sft"] = row["step_ms"] / baseline
-        memory = row["state_bytes_over_params"]
-        print(f"{row['method']:18s} {row['step_ms']:8.1f} {row['ratio_vs_sft']:6.2f} {memory:12.2f}")
+    methods = ["sft", *(m for m in args.methods if m != "sft")]
+    rows = []
+    for round_index in range(args.rounds):
+        measured = [{**measure(name, data, args.steps, args.device), "round": round_index} for name in methods]
+        for row in measured:
+            row["ratio_vs_sft"] = row["step_ms"] / measured[0]["step_ms"]
+        rows += measured
+    print(f"{'method':18s} {'ms/step':>8s} {'x sft':>6s} {'range':>11s} {'state/params':>12s}   ({rows[0]['device']})")
+    for name in methods:
+        mine = [row for row in rows if row["method"] == name]
+        ratios = [row["ratio_vs_sft"] for row in mine]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{name:18s} {statistics.median(r['step_ms'] for r in mine):8.1f} {statistics.median(ratios):6.2f} "
+              f"{spread:>11s} {mine[0]['state_bytes_over_params']:12.2f}")  # fmt: skip
     append_rows(args.results, rows)
     return rows
 

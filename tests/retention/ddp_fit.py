@@ -6,7 +6,8 @@ Run as a script, so that Lightning's DDP launcher can start the other processes 
     python tests/retention/ddp_fit.py OUT --devices 1 --batch-size 8   # the same global batches on one
 
 ``--checkpoint-every N`` also saves a checkpoint every N steps into ``OUT/ckpt``; ``--ckpt-path`` resumes from one.
-``--rank-dependent-planner`` orders the stages with a planner whose measurement differs on every process.
+``--planner affinity`` orders the stages by gradient affinity; ``--planner rank-dependent`` with a planner whose
+measurement differs on every process.
 
 The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
 their retention state must agree. Each process writes ``OUT/rank<r>.pt``.
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hft_lightning import Curriculum
-from hft_lightning.planners import Decision, Planner, Probe
+from hft_lightning.planners import Affinity, Decision, Planner, Probe
 from hft_lightning.retention import EWC, GEM
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
@@ -39,6 +40,9 @@ class RankDependent(Planner):
         return Decision(order, dict.fromkeys(order, f"measured on rank {rank}"))
 
 
+PLANNERS = {"affinity": lambda: Affinity(examples=4, batch_size=2), "rank-dependent": RankDependent}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -46,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--ckpt-path")
-    parser.add_argument("--rank-dependent-planner", action="store_true")
+    parser.add_argument("--planner", choices=list(PLANNERS))
     args = parser.parse_args()
     ewc, gem = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3)
     checkpoints = []
@@ -55,7 +59,7 @@ def main() -> None:
     module, trainer = fit(
         args.out,
         [ewc, gem, *checkpoints],
-        planner=RankDependent() if args.rank_dependent_planner else None,
+        planner=PLANNERS[args.planner]() if args.planner else None,
         data=tiny_datamodule(batch_size=args.batch_size),
         module_overrides={"learning_rate": 1e-20},
         devices=args.devices,

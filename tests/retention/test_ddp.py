@@ -93,9 +93,21 @@ def test_resuming_at_the_last_step_measures_the_last_row_on_every_process_and_re
 
 
 def test_every_process_follows_the_plan_rank_zero_measured(tmp_path):
-    result = _run(tmp_path, "--devices", "2", "--batch-size", "4", "--rank-dependent-planner")
+    result = _run(tmp_path, "--devices", "2", "--batch-size", "4", "--planner", "rank-dependent")
     assert result.returncode == 0, result.stderr[-3000:]
     plans = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["plan"] for r in (0, 1)]
     assert plans[0] == plans[1]
     assert [s["name"] for s in plans[0]] == ["math", "code", "general"]
     assert {s["why"] for s in plans[0]} == {"measured on rank 0"}
+
+
+def test_the_affinity_probe_runs_on_rank_zero_and_plans_as_one_process(tmp_path):
+    for out, devices, batch_size in [(tmp_path / "ddp", "2", "4"), (tmp_path / "single", "1", "8")]:
+        result = _run(out, "--devices", devices, "--batch-size", batch_size, "--planner", "affinity")
+        assert result.returncode == 0, result.stderr[-3000:]
+    plans = [
+        torch.load(tmp_path / p, weights_only=False)["plan"]
+        for p in ("ddp/rank0.pt", "ddp/rank1.pt", "single/rank0.pt")
+    ]
+    assert plans[0] == plans[1] == plans[2]
+    assert any(s["why"].startswith("affinity ") for s in plans[0])
