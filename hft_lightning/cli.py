@@ -101,7 +101,8 @@ class HFTCLI(LightningCLI):
             "--plan_only",
             type=bool,
             default=False,
-            help="fit only: decide, print and save the curriculum's plan (report/plan.json) without training",
+            help="fit only: decide, print and save the curriculum's plan (report/plan.json) without training; with "
+            "--ckpt_path=FILE, print the plan that checkpoint resumes with",
         )
         # One field names the model: the data module loads the same checkpoint's tokenizer.
         parser.link_arguments("model.name_or_path", "data.tokenizer_name_or_path", apply_on="parse")
@@ -117,6 +118,8 @@ def _curriculum_state(ckpt_path: str, curriculum: Curriculum) -> dict[str, Any]:
     Raises:
         ConfigError: Naming ``--ckpt_path``, if the file cannot be read, is in another format or has no curriculum.
     """
+    if str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        raise ConfigError(f"--ckpt_path={ckpt_path} with --plan_only: give the checkpoint file's path")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as error:

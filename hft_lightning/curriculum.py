@@ -317,15 +317,30 @@ class Curriculum(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.planned:
             lengths = [s.steps for s in self.stages]
-            if trainer.is_global_zero:
-                self.decide(pl_module, trainer.datamodule, trainer.precision_plugin.train_step_context)
-            # Every process follows rank 0's plan: the same measurement can round differently on another device.
-            self._restore_plan(trainer.strategy.broadcast(self._plan_state() if trainer.is_global_zero else None))
+            self._restore_plan(self._decide_on_rank_zero(trainer, pl_module))
             if [s.steps for s in self.stages] != lengths:  # the schedule configure_optimizers built is per stage
                 trainer.strategy.setup_optimizers(trainer)
         rank_zero_info(self.describe())
         if trainer.is_global_zero:
             self.save_plan(trainer.default_root_dir)
+
+    def _decide_on_rank_zero(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Rank 0 measures and decides; every process receives its plan, or its error and raises it too.
+
+        One decision for all, because the same measurement can round differently on another device. A failure on
+        rank 0 is broadcast as well, so the other processes stop with its message instead of waiting for a plan.
+        """
+        if trainer.is_global_zero:
+            try:
+                self.decide(pl_module, trainer.datamodule, trainer.precision_plugin.train_step_context)
+            except Exception as error:
+                failure = error if isinstance(error, ConfigError) else RuntimeError(f"rank 0 could not plan: {error!r}")
+                trainer.strategy.broadcast((None, failure))
+                raise
+        plan, failure = trainer.strategy.broadcast((self._plan_state(), None))
+        if failure is not None:
+            raise failure
+        return plan
 
     def save_plan(self, root_dir: str | Path) -> Path:
         """Writes ``plan.json`` (:meth:`explanation`), and the affinity heatmap if measured, to ``root_dir/report``.

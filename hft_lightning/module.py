@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.packing import pack_batch
-from hft_lightning.data.sft import trained_tokens
+from hft_lightning.data.sft import IGNORE_INDEX, trained_tokens
 from hft_lightning.errors import ConfigError
 from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
@@ -108,12 +108,12 @@ class HFTModule(pl.LightningModule):
             raise ConfigError(f"model.packing must be a positive number of tokens per row (or null), got {packing}")
         if lora is not None and name_or_path is None:
             raise ConfigError("model.lora adapts a pretrained model: set model.name_or_path too")
+        if name_or_path is not None and Path(name_or_path).is_dir():
+            # a local folder (which from_pretrained prefers over a hub name) is recorded as an absolute path, in the
+            # hyperparameters and in a saved adapter's config, so both load from any working directory
+            name_or_path = str(Path(name_or_path).resolve())
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        if name_or_path is not None and Path(name_or_path).is_dir():
-            # a local folder (which from_pretrained prefers over a hub name) is recorded as an absolute path in
-            # what names the base model (a saved adapter's config), so it loads from any working directory
-            name_or_path = str(Path(name_or_path).resolve())
         self.name_or_path = name_or_path
         self.lora = lora
         self.packing = packing
@@ -163,14 +163,20 @@ class HFTModule(pl.LightningModule):
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects).
 
-        A batch whose examples were all truncated before their response has no such token: its loss is 0 with zero
-        gradients (the sum over no token, divided by at least one), not NaN.
+        The loss is computed here, from the logits, as transformers' causal LM loss does (fp32 logits, labels shifted
+        by one, ``-100`` ignored), for any model class, and divided by at least one token: a batch whose examples
+        were all truncated before their response has a loss of 0 and zero gradients, not NaN.
         """
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
         if self.packing is not None:
             inputs = pack_batch(inputs, self.tokenizer.pad_token_id, self.packing)
-        tokens = trained_tokens(inputs["labels"]).clamp(min=1)
-        return self.model(**inputs, use_cache=False, num_items_in_batch=tokens).loss
+        labels = inputs.pop("labels")
+        logits = self.model(**inputs, use_cache=False).logits.float()
+        targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # token t predicts token t + 1
+        summed = nn.functional.cross_entropy(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return summed / trained_tokens(labels).clamp(min=1)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -207,9 +213,8 @@ class HFTModule(pl.LightningModule):
     def _evaluation_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         name = self.ability_names[dataloader_idx]
         loss = self.sft_loss(batch)
-        self.log(
-            f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=len(batch["examples"]), sync_dist=True
-        )
+        tokens = int(trained_tokens(batch["labels"]))  # weights the mean: the epoch's loss is per response token
+        self.log(f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=tokens, sync_dist=True)
         self._score_batch(batch, dataloader_idx)
 
     @override

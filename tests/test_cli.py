@@ -233,3 +233,6 @@ trainer:
     with pytest.raises(SystemExit):
         main(["fit", "--plan_only=true", f"--ckpt_path={tmp_path / 'missing.ckpt'}", *common])
     assert "hft_lightning: error: --ckpt_path: cannot read a checkpoint from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--plan_only=true", "--ckpt_path=last", *common])
+    assert "error: --ckpt_path=last with --plan_only: give the checkpoint file's path" in capsys.readouterr().err

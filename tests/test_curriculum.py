@@ -239,3 +239,23 @@ def test_a_checkpoint_in_another_state_format_is_refused_before_any_state_is_res
         _fit(tiny_data, tmp_path / "b", ckpt_path=str(tmp_path / "old.ckpt"))
     loaded = HFTModule.load_from_checkpoint(tmp_path / "old.ckpt", tokenizer=tiny_data.tokenizer)  # weights load
     torch.testing.assert_close(loaded.state_dict(), {k: v for k, v in state["state_dict"].items() if "matrix" not in k})
+
+
+def test_any_planner_records_its_json_arguments_and_its_plan_saves(tmp_path):
+    from pathlib import Path
+
+    from hft_lightning.planners import Decision, Planner
+
+    class FromTable(Planner):
+        def __init__(self, table: Path, weight: float):
+            super().__init__({"code": ["math"]})
+            self.table, self.weight, self._cache = table, weight, {}
+
+        def order(self, abilities, probe):
+            return Decision(list(abilities), dict.fromkeys(abilities, "from the table"))
+
+    planner = FromTable(tmp_path / "table.csv", 0.5)
+    assert planner.settings() == {"prerequisites": {"code": ["math"]}, "weight": 0.5}  # the path is no JSON value
+    curriculum = Curriculum([Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0})], planner)
+    plan = json.loads(curriculum.save_plan(tmp_path).read_text())
+    assert plan["planner"] == "FromTable" and plan["settings"] == planner.settings()

@@ -123,6 +123,6 @@ def test_a_saved_adapter_names_a_local_base_model_by_its_absolute_path(tmp_path,
     module = HFTModule(tokenizer, name_or_path=tiny_pretrained.name, lora=lora)  # relative to the working directory
     save_model(tmp_path / "model", module.model, tokenizer, lora, module.name_or_path)
     config = json.loads((tmp_path / "model" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_pretrained.resolve())
+    assert config["base_model_name_or_path"] == module.hparams.name_or_path == str(tiny_pretrained.resolve())
     monkeypatch.chdir(tmp_path)
     AutoPeftModelForCausalLM.from_pretrained(tmp_path / "model")  # from anywhere

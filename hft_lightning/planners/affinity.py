@@ -11,8 +11,9 @@ with :func:`hft_kernels.gem_dots` (the Gram matrix GEM uses). Stages whose gradi
   last one; the best of these chains wins.
 
 Ties go to the order closest to the config's: a chain and its reverse always tie (the matrix is symmetric), and
-scores within :data:`TIE_TOLERANCE` of each other count as equal, so the last bits of a measurement (which differ
-across devices and summation orders) never decide the plan. The probe keeps the k gradients (k x the trainable
+chain scores within :data:`TIE_TOLERANCE` of each other count as equal, so rounding in the last bits of a
+measurement does not pick between near-equal plans (it still can at the edge of the tolerance; under DDP every
+process follows rank 0's plan whatever it measured). The probe keeps the k gradients (k x the trainable
 parameters in fp32) until the matrix is computed. The matrix is kept on the plan
 (:attr:`hft_lightning.Curriculum.affinity`), for example to scale retention strength by how much two abilities
 interfere.

@@ -84,17 +84,26 @@ class Planner(ABC):
         """
 
     def settings(self) -> dict[str, Any]:
-        """The planner's arguments, saved with the plan: a resumed run compares them with its own.
+        """The planner's arguments, saved with the plan (``plan.json``, the checkpoint): a resume compares them.
 
-        The default is the planner's public attributes, which are its arguments; a planner whose attributes are
-        anything else (or not JSON values) overrides it.
+        The default records the public attributes that hold plain JSON values (strings, numbers, booleans,
+        ``None``, and lists and string-keyed dicts of those), which for the built-in planners are their arguments;
+        a planner with other arguments overrides it.
         """
-        return {name: value for name, value in vars(self).items() if not name.startswith("_")}
+        return {name: value for name, value in vars(self).items() if not name.startswith("_") and _is_json(value)}
 
     def reason(self, ability: str, measured: str = "") -> str:
         """``measured`` and the prerequisites of ``ability``, when there are any: a row of the plan table."""
         before = self.prerequisites.get(ability, [])
         return "; ".join(part for part in (measured, f"builds on {', '.join(before)}" if before else "") if part)
+
+
+def _is_json(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_is_json(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_json(item) for key, item in value.items())
+    return value is None or isinstance(value, str | int | float | bool)
 
 
 def check_prerequisites(prerequisites: PrerequisiteMap, abilities: Sequence[str]) -> None:

@@ -64,29 +64,33 @@ class Probe:
 
     @torch.no_grad()
     def loss(self, ability: str, examples: int, batch_size: int) -> float:
-        """The model's mean cross-entropy per response token on the sample of ``ability``, in nats."""
-        total, tokens = 0.0, 0
+        """The model's mean cross-entropy per response token on the sample of ``ability``, in nats.
+
+        Raises:
+            ConfigError: If no example of the sample keeps a response token (all truncated), naming the ability.
+        """
+        total, tokens, measured = 0.0, 0, 0
         with self._eval_mode():
             for batch in self.batches(ability, examples, batch_size):
                 count = int(trained_tokens(batch["labels"]))
                 with self.context():
                     total += float(self.module.sft_loss(batch)) * count
                 tokens += count
-        if not tokens:
-            raise ConfigError(
-                f"data.abilities[{ability!r}].val: none of the {examples} probe examples keeps a response token within "
-                f"data.max_length={self.datamodule.max_length}; raise data.max_length"
-            )
+                measured += len(batch["input_ids"])
+        self._require_tokens(ability, tokens, measured)
         return total / tokens
 
     def gradient(self, ability: str, examples: int, batch_size: int) -> list[torch.Tensor]:
         """The gradient of the loss on the sample of ``ability``, fp32, one tensor per trainable parameter.
 
         Each batch's mean-token loss gradient is weighted by its share of the examples.
+
+        Raises:
+            ConfigError: If no example of the sample keeps a response token (all truncated), naming the ability.
         """
         params = [p for p in self.module.parameters() if p.requires_grad]
         total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        count = 0
+        count, tokens = 0, 0
         with self._eval_mode():
             for batch in self.batches(ability, examples, batch_size):
                 with torch.enable_grad(), self.context():
@@ -97,8 +101,17 @@ class Probe:
                     if grad is not None:
                         acc.add_(grad.float(), alpha=size)
                 count += size
+                tokens += int(trained_tokens(batch["labels"]))
+        self._require_tokens(ability, tokens, count)
         torch._foreach_div_(total, count)
         return total
+
+    def _require_tokens(self, ability: str, tokens: int, examples: int) -> None:
+        if not tokens:
+            raise ConfigError(
+                f"data.abilities[{ability!r}].val: none of the {examples} probe examples keeps a response token within "
+                f"data.max_length={self.datamodule.max_length}; raise data.max_length"
+            )
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:

@@ -88,9 +88,12 @@ def test_the_probe_budget_must_be_positive(field, value):
         Difficulty(**{field: value})
 
 
-def test_a_probe_sample_with_no_response_token_names_the_ability_and_max_length(sources, base_model):
+@pytest.mark.parametrize("measure", ["loss", "gradient"])
+def test_a_probe_sample_with_no_response_token_names_the_ability_and_max_length(sources, base_model, measure):
     truncated = StagedDataModule(abilities=sources, num_val=40, vocab_size=300, max_length=4)
-    with pytest.raises(
-        ConfigError, match=r"data\.abilities\['easy'\]\.val: none of the 8 probe examples .* data\.max_length=4"
-    ):
-        Probe(base_model, truncated).loss("easy", examples=8, batch_size=4)
+    probe = Probe(base_model, truncated)
+    with pytest.raises(ConfigError, match=r"abilities\['easy'\]\.val: none of the 8 probe examples .*max_length=4"):
+        getattr(probe, measure)("easy", examples=8, batch_size=4)
+    # the budget is capped by the validation split: the message counts what was measured
+    with pytest.raises(ConfigError, match=r"none of the 40 probe examples"):
+        getattr(probe, measure)("easy", examples=100, batch_size=16)

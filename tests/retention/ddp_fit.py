@@ -7,7 +7,7 @@ Run as a script, so that Lightning's DDP launcher can start the other processes 
 
 ``--checkpoint-every N`` also saves a checkpoint every N steps into ``OUT/ckpt``; ``--ckpt-path`` resumes from one.
 ``--planner affinity`` orders the stages by gradient affinity; ``--planner rank-dependent`` with a planner whose
-measurement differs on every process.
+measurement differs on every process; ``--planner failing`` with one that raises.
 
 The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
 their retention state must agree. Each process writes ``OUT/rank<r>.pt``.
@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hft_lightning import Curriculum
+from hft_lightning.errors import ConfigError
 from hft_lightning.planners import Affinity, Decision, Planner, Probe
 from hft_lightning.retention import EWC, GEM
 from tests.helpers import tiny_datamodule
@@ -40,7 +41,20 @@ class RankDependent(Planner):
         return Decision(order, dict.fromkeys(order, f"measured on rank {rank}"))
 
 
-PLANNERS = {"affinity": lambda: Affinity(examples=4, batch_size=2), "rank-dependent": RankDependent}
+class Failing(Planner):
+    """A measuring planner whose measurement fails (on rank 0, the only process that measures)."""
+
+    measures = True
+
+    def order(self, abilities: list[str], probe: Probe | None) -> Decision:
+        raise ConfigError("data.abilities['math'].val: the probe failed on purpose")
+
+
+PLANNERS = {
+    "affinity": lambda: Affinity(examples=4, batch_size=2),
+    "failing": Failing,
+    "rank-dependent": RankDependent,
+}
 
 
 def main() -> None:

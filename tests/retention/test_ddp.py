@@ -101,7 +101,7 @@ def test_every_process_follows_the_plan_rank_zero_measured(tmp_path):
     assert {s["why"] for s in plans[0]} == {"measured on rank 0"}
 
 
-def test_the_affinity_probe_runs_on_rank_zero_and_plans_as_one_process(tmp_path):
+def test_the_affinity_planner_under_ddp_plans_as_one_process(tmp_path):
     for out, devices, batch_size in [(tmp_path / "ddp", "2", "4"), (tmp_path / "single", "1", "8")]:
         result = _run(out, "--devices", devices, "--batch-size", batch_size, "--planner", "affinity")
         assert result.returncode == 0, result.stderr[-3000:]
@@ -111,3 +111,11 @@ def test_the_affinity_probe_runs_on_rank_zero_and_plans_as_one_process(tmp_path)
     ]
     assert plans[0] == plans[1] == plans[2]
     assert any(s["why"].startswith("affinity ") for s in plans[0])
+
+
+def test_a_planning_error_on_rank_zero_stops_every_process_with_its_message(tmp_path):
+    result = _run(tmp_path, "--devices", "2", "--batch-size", "4", "--planner", "failing")
+    assert result.returncode != 0
+    # both processes raise rank 0's ConfigError; none is left waiting for a plan or loses its peer
+    assert result.stderr.count("ConfigError: data.abilities['math'].val: the probe failed on purpose") == 2
+    assert "Connection closed" not in result.stderr
