@@ -2,6 +2,10 @@
 
 Interpreter shapes stay small (the Triton interpreter runs each program in Python); ``MIXED`` still crosses
 a chunk boundary so that a tensor spanning several programs is covered.
+
+Inputs are drawn on the CPU from seeded generators (the same values on every machine) and placed on
+``DEVICE``: CUDA where there is one, so that ``backend="triton"`` runs the compiled kernels; else the CPU,
+where it runs them in the Triton interpreter (``tests/conftest.py``). Oracles compute on the CPU in fp64.
 """
 
 from __future__ import annotations
@@ -31,14 +35,19 @@ SHAPES = {
 }
 SHAPE_IDS = list(SHAPES)
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def make(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, noncontig: bool, fn=torch.randn):
-    """A tensor of ``shape``: a transposed or strided view when ``noncontig``."""
+    """A tensor of ``shape`` on ``DEVICE``: a transposed or strided view when ``noncontig``.
+
+    The view is taken on the device: ``Tensor.to`` would make a strided view contiguous.
+    """
     if not noncontig:
-        return fn(shape, generator=gen).to(dtype)
+        return fn(shape, generator=gen).to(DEVICE, dtype)
     if len(shape) == 2:
-        return fn(shape[::-1], generator=gen).to(dtype).t()
-    return fn((*shape[:-1], 2 * shape[-1]), generator=gen).to(dtype)[..., ::2]
+        return fn(shape[::-1], generator=gen).to(DEVICE, dtype).t()
+    return fn((*shape[:-1], 2 * shape[-1]), generator=gen).to(DEVICE, dtype)[..., ::2]
 
 
 def make_list(case: str, dtype: torch.dtype, gen: torch.Generator, fn=torch.randn) -> list[torch.Tensor]:
@@ -47,7 +56,7 @@ def make_list(case: str, dtype: torch.dtype, gen: torch.Generator, fn=torch.rand
 
 def assert_close(actual, expected, dtype: torch.dtype) -> None:
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
 
 
 def assert_lists_close(actual, expected, dtype: torch.dtype) -> None:
@@ -113,8 +122,10 @@ linux_only = pytest.mark.skipif(not __import__("sys").platform.startswith("linux
 
 
 def flat64(tensors) -> torch.Tensor:
-    """All tensors of a list as one fp64 vector (test oracles only)."""
-    return torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+    """All tensors of a list as one fp64 vector on the CPU (test oracles only)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([t.reshape(-1).double().cpu() for t in tensors])
 
 
 def gem_inputs(case: str, dtype: torch.dtype, k: int, seed: int = 0, kind: str = "random"):
@@ -125,6 +136,6 @@ def gem_inputs(case: str, dtype: torch.dtype, k: int, seed: int = 0, kind: str =
         refs = [make_list(case, torch.float32, gen) for _ in range(k)]
     else:
         base = make_list(case, torch.float32, gen)
-        refs = [[b + 0.3 * torch.randn(b.shape, generator=gen) for b in base] for _ in range(k)]
+        refs = [[b + 0.3 * make(b.shape, torch.float32, gen, False) for b in base] for _ in range(k)]
         grads = [(0.5 * g.float() - b).to(dtype) for g, b in zip(grads, base, strict=True)]
     return grads, refs

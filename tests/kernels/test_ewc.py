@@ -4,12 +4,14 @@ import torch
 from hft_kernels import ewc_penalty_
 from tests.kernels.cases import (
     BACKENDS,
+    DEVICE,
     DTYPES,
     MODEL_MIB,
     SHAPE_IDS,
     assert_close,
     assert_lists_close,
     linux_only,
+    make,
     make_list,
     needs_triton,
     peak_growth_mib,
@@ -21,8 +23,8 @@ LAM = 0.7
 def _inputs(case: str, dtype: torch.dtype, seed: int = 0, store: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(seed)
     params = make_list(case, dtype, gen)
-    anchors = [(p.float() + 0.1 * torch.randn(p.shape, generator=gen)).to(store) for p in params]
-    fisher = [torch.rand(p.shape, generator=gen).to(store) for p in params]
+    anchors = [(p.float() + 0.1 * make(p.shape, torch.float32, gen, False)).to(store) for p in params]
+    fisher = [make(p.shape, store, gen, False, fn=torch.rand) for p in params]
     grads = make_list(case, dtype, gen)
     return params, anchors, fisher, grads
 
@@ -106,8 +108,8 @@ def test_empty_lists_give_zero():
     ("mutate", "message"),
     [
         (lambda a, f, g: a.pop(), "anchors has 2 tensors but params has 3"),
-        (lambda a, f, g: f.__setitem__(1, torch.zeros(2)), r"fisher\[1\] has shape \(2,\)"),
-        (lambda a, f, g: g.__setitem__(0, torch.zeros(3, 5, dtype=torch.int64)), r"grads\[0\] has dtype"),
+        (lambda a, f, g: f.__setitem__(1, torch.zeros(2, device=DEVICE)), r"fisher\[1\] has shape \(2,\)"),
+        (lambda a, f, g: g.__setitem__(0, torch.zeros(3, 5, dtype=torch.long, device=DEVICE)), r"grads\[0\] has dtype"),
     ],
 )
 def test_rejects_misaligned_lists(mutate, message):

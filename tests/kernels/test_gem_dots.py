@@ -9,8 +9,9 @@ def _assert_matches_oracle(grads, refs, dots, gram):
     g = flat64(grads)
     G = torch.stack([flat64(r) for r in refs])
     # fp32 accumulation: error bounded relative to the sum of |products|, the dot's condition.
-    torch.testing.assert_close(dots.double(), G @ g, atol=1e-6 + 1e-5 * (G.abs() @ g.abs()).max(), rtol=1e-5)
-    torch.testing.assert_close(gram.double(), G @ G.T, atol=1e-6 + 1e-5 * (G.abs() @ G.abs().T).max(), rtol=1e-5)
+    dots, gram = dots.double().cpu(), gram.double().cpu()
+    torch.testing.assert_close(dots, G @ g, atol=1e-6 + 1e-5 * (G.abs() @ g.abs()).max(), rtol=1e-5)
+    torch.testing.assert_close(gram, G @ G.T, atol=1e-6 + 1e-5 * (G.abs() @ G.abs().T).max(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,6 +8,7 @@ from hft_kernels import MAX_REFS, gem_project_
 from hft_kernels.gem_project import solve_gem_dual
 from tests.kernels.cases import (
     BACKENDS,
+    DEVICE,
     DTYPES,
     MODEL_MIB,
     SHAPE_IDS,
@@ -86,7 +87,7 @@ def _degenerate(name: str):
         refs = [base, other]
     elif name == "opposite":  # feasible set is the hyperplane <base, z> = 0
         refs = [base, [-b for b in base]]
-    return g, refs
+    return [t.to(DEVICE) for t in g], [[t.to(DEVICE) for t in r] for r in refs]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +107,7 @@ def test_satisfied_constraints_leave_g_unchanged(backend):
     grads = [-g for g in grads]  # now aligned with the references
     before = [g.clone() for g in grads]
     v = gem_project_(grads, refs, backend=backend)
-    assert torch.equal(v, torch.zeros(3))
+    assert torch.equal(v, torch.zeros(3, device=DEVICE))
     assert all(torch.equal(g, b) for g, b in zip(grads, before, strict=True))
 
 
@@ -117,7 +118,7 @@ def test_k1_is_the_agem_closed_form(backend):
     v_expected = max(0.0, float(-(g @ r) / (r @ r)))
     assert v_expected > 0
     v = gem_project_(grads, refs, backend=backend)
-    torch.testing.assert_close(v.double(), torch.tensor([v_expected], dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(v.double().cpu(), torch.tensor([v_expected], dtype=torch.float64), rtol=1e-5, atol=0)
     torch.testing.assert_close(flat64(grads), g + v_expected * r, rtol=1e-5, atol=1e-5)
 
 
@@ -171,8 +172,6 @@ def test_triton_matches_reference(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_sync_on_cuda():
     grads, refs = gem_inputs("mixed", torch.float32, k=4, kind="conflict")
-    grads = [g.cuda() for g in grads]
-    refs = [[t.cuda() for t in r] for r in refs]
     gem_project_(grads, refs)  # warm-up: compiles the kernels and uploads the launch tables
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -181,6 +180,26 @@ def test_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(v).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captures_in_a_cuda_graph():
+    """A step that is a CUDA graph replays the projection: no host sync, no host-dependent branch."""
+    grads, refs = gem_inputs("mixed", torch.float32, k=4, kind="conflict")
+    saved = [g.clone() for g in grads]
+    expected = [g.clone() for g in grads]
+    v_expected = gem_project_(expected, refs, backend="torch")
+    gem_project_(grads, refs)  # warm-up on the captured tensors: compiles the kernels, caches the launch table
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        v = gem_project_(grads, refs)
+    torch._foreach_copy_(grads, saved)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(v, v_expected, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @linux_only
