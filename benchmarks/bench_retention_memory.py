@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_retention_overhead import METHODS, state_bytes
+from benchmarks.bench_retention_overhead import METHODS, state_bytes, wide_module
 from benchmarks.harness import append_rows, device_name
-from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
+from hft_lightning import Curriculum, Stage, StagedDataModule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retention_memory.jsonl"
 
@@ -48,22 +48,18 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def train(method: str, hidden_size: int, num_layers: int, device: str) -> dict:
+def train(method: str, hidden_size: int, num_layers: int, device: str, precision: str) -> dict:
     """Trains the mixed stage and the protected one with ``method`` in this process; returns its memory row."""
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     L.seed_everything(0)
     data = StagedDataModule(num_train=200, num_val=4, batch_size=8, val_batch_size=4)
-    intermediate = -(-8 * hidden_size // 3 // 64) * 64
-    module = HFTModule(
-        data.tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=max(1, hidden_size // 64),
-        intermediate_size=intermediate, learning_rate=1e-4,
-    )  # fmt: skip
+    module = wide_module(data, hidden_size, num_layers)
     callbacks = METHODS[method]()
     stages = [Stage("mixed", 3, {a: 1.0 for a in data.ability_names}), Stage("protected", 4, {"math": 1.0})]
     trainer = L.Trainer(
-        accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+        accelerator=device, devices=1, precision=precision, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
         default_root_dir=f"/tmp/bench_retention_memory/{method}", callbacks=[Curriculum(stages), *callbacks],
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
@@ -73,6 +69,7 @@ def train(method: str, hidden_size: int, num_layers: int, device: str) -> dict:
         "device": device_name(module.device),
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in trainable),
+        "precision": precision,
         "param_bytes": sum(p.numel() * p.element_size() for p in trainable),
         "peak_bytes": peak_bytes(module.device),
         "state_bytes": sum(state_bytes(c.state_dict()) for c in callbacks),
@@ -81,7 +78,8 @@ def train(method: str, hidden_size: int, num_layers: int, device: str) -> dict:
 
 def _in_fresh_process(method: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", method, "--hidden-size", str(args.hidden_size),
-               "--num-layers", str(args.num_layers), "--device", args.device]  # fmt: skip
+               "--num-layers", str(args.num_layers), "--device", args.device,
+               "--precision", args.precision]  # fmt: skip
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # blocks over 64 KiB: their own mappings, freed on free
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode:
@@ -95,11 +93,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hidden-size", type=int, default=768)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32-true", help="the trainer's precision, e.g. bf16-mixed")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(train(args.child, args.hidden_size, args.num_layers, args.device)))
+        print(json.dumps(train(args.child, args.hidden_size, args.num_layers, args.device, args.precision)))
         return []
     methods = args.methods or [m for m in METHODS if m != "sft"]
     rows = [_in_fresh_process(m, args) for m in ["sft", *methods, "sft"]]

@@ -10,9 +10,12 @@ reported with its range, so a slow spell of a shared machine shows as a spread i
 script also measures the memory each method keeps between steps (the tensors of its ``state_dict``) as a multiple
 of the trainable parameter bytes.
 Results are printed and appended to ``benchmarks/results/retention_overhead.jsonl`` with the device name.
+``--hidden-size``/``--num-layers`` widen the model (``wide_module``; hidden 1024 x 8 layers is about 1e8 parameters)
+and ``--precision`` sets the trainer's precision (e.g. ``bf16-mixed`` on a GPU).
 
     python benchmarks/bench_retention_overhead.py                 # every method, 30 timed steps, 3 rounds
     python benchmarks/bench_retention_overhead.py --methods ewc --steps 5 --rounds 1
+    python benchmarks/bench_retention_overhead.py --hidden-size 1024 --num-layers 8 --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -77,16 +80,32 @@ def state_bytes(state) -> int:
     return 0
 
 
-def measure(name: str, data: StagedDataModule, steps: int, device: str) -> dict:
+def wide_module(data: StagedDataModule, hidden_size: int, num_layers: int) -> HFTModule:
+    """The embedded LLaMA-style model widened to ``hidden_size`` x ``num_layers`` (64-dim heads, MLP 8/3 wide).
+
+    Its learning rate is 1e-4: the default model's 3e-3 makes a model this wide diverge.
+    """
+    intermediate = -(-8 * hidden_size // 3 // 64) * 64
+    return HFTModule(
+        data.tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=max(1, hidden_size // 64),
+        intermediate_size=intermediate, learning_rate=1e-4,
+    )  # fmt: skip
+
+
+def measure(name: str, data: StagedDataModule, args: argparse.Namespace) -> dict:
     """Trains the warm-up and the timed stage with method ``name``; returns its timing and memory row."""
     L.seed_everything(0)
-    module = HFTModule(data.tokenizer)
+    if args.hidden_size is None:
+        module = HFTModule(data.tokenizer)
+    else:
+        module = wide_module(data, args.hidden_size, args.num_layers)
     methods = METHODS[name]()
     timer = StepTimer()
-    stages = [Stage("warmup", 5, {a: 1.0 for a in data.ability_names}), Stage("timed", steps + 2, {"math": 1.0})]
+    stages = [Stage("warmup", 5, {a: 1.0 for a in data.ability_names}), Stage("timed", args.steps + 2, {"math": 1.0})]
     trainer = L.Trainer(
-        accelerator=device, devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+        accelerator=args.device, devices=1, precision=args.precision, max_epochs=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=1,
         default_root_dir=f"/tmp/bench_retention/{name}", callbacks=[timer, Curriculum(stages), *methods],
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
@@ -96,6 +115,7 @@ def measure(name: str, data: StagedDataModule, steps: int, device: str) -> dict:
         "device": device_name(module.device),
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "precision": args.precision,
         "step_ms": 1000 * statistics.fmean(timer.seconds[2:]),
         "state_bytes_over_params": sum(state_bytes(m.state_dict()) for m in methods) / trainable,
     }
@@ -107,6 +127,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per method and round")
     parser.add_argument("--rounds", type=int, default=3, help="times every method is measured, taking turns")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden-size", type=int, help="widen the model (default: the embedded default model)")
+    parser.add_argument("--num-layers", type=int, default=4, help="layers of the widened model")
+    parser.add_argument("--precision", default="32-true", help="the trainer's precision, e.g. bf16-mixed")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -115,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     methods = ["sft", *(m for m in args.methods if m != "sft")]
     rows = []
     for round_index in range(args.rounds):
-        measured = [{**measure(name, data, args.steps, args.device), "round": round_index} for name in methods]
+        measured = [{**measure(name, data, args), "round": round_index} for name in methods]
         for row in measured:
             row["ratio_vs_sft"] = row["step_ms"] / measured[0]["step_ms"]
         rows += measured

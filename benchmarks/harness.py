@@ -178,7 +178,8 @@ def main(bench: Bench, argv: list[str] | None = None) -> list[dict]:
                     row.update(ms=None, roofline=None, note=str(reason))
                 rows.append(row)
             _print(bench.op, n, dtype_name, bandwidth, rows[-len(providers) :], measured)
-    append_rows(args.results, rows)
+            append_rows(args.results, rows[-len(providers) :])  # as measured: a run killed later keeps these
+            del inputs
     return rows
 
 
