@@ -18,7 +18,7 @@ SCRIPTS = {
 
 
 def _run(script: str, providers: list[str], results: Path) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--sizes", "1e5", "--repeats", "1"]
     subprocess.run([*cmd, "--providers", *providers, "--results", str(results)], env=env, check=True, cwd=ROOT)

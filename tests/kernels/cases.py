@@ -108,7 +108,7 @@ def peak_growth_mib(build: str, op: str) -> float:
     root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
-        "PYTHONPATH": str(root),
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
         "HFT_KERNELS_BACKEND": "torch",
         "TRITON_INTERPRET": "0",
         "MALLOC_MMAP_THRESHOLD_": "65536",
