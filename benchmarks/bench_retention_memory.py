@@ -66,12 +66,12 @@ def train(method: str, hidden_size: int, num_layers: int, device: str, precision
     trainable = [p for p in module.parameters() if p.requires_grad]
     return {
         "method": method,
-        "device": device_name(module.device),
+        "device": device_name(torch.device(device)),  # not module.device: the module is back on the CPU after fit
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in trainable),
         "precision": precision,
         "param_bytes": sum(p.numel() * p.element_size() for p in trainable),
-        "peak_bytes": peak_bytes(module.device),
+        "peak_bytes": peak_bytes(torch.device(device)),
         "state_bytes": sum(state_bytes(c.state_dict()) for c in callbacks),
     }
 
@@ -84,7 +84,9 @@ def _in_fresh_process(method: str, args: argparse.Namespace) -> dict:
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode:
         raise RuntimeError(f"{method} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    row = json.loads(completed.stdout.strip().splitlines()[-1])
+    print(f"{method}: peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)  # a run cut short still shows these
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -55,18 +55,29 @@ METHODS: dict[str, Callable[[], list[Callback]]] = {
 
 
 class StepTimer(Callback):
-    """Wall time of every training batch of the last stage, from batch start to the end of its optimizer step."""
+    """Wall time of every training batch of the last stage, from batch start to the end of its optimizer step.
+
+    On a GPU both ends synchronize the device, so a step's time is its whole work (queued kernels included), not
+    the time the host took to queue it.
+    """
 
     def __init__(self):
         self.seconds: list[float] = []
+        self.device = ""
         self._start = 0.0
 
+    def _now(self, pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: D102
-        self._start = time.perf_counter()
+        self.device = device_name(pl_module.device)  # the module is back on the CPU after fit
+        self._start = self._now(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
         if trainer.current_epoch == 1:
-            self.seconds.append(time.perf_counter() - self._start)
+            self.seconds.append(self._now(pl_module) - self._start)
 
 
 def state_bytes(state) -> int:
@@ -112,7 +123,7 @@ def measure(name: str, data: StagedDataModule, args: argparse.Namespace) -> dict
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     return {
         "method": name,
-        "device": device_name(module.device),
+        "device": timer.device,
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "precision": args.precision,

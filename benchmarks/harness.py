@@ -5,10 +5,13 @@ the op must move (its memory roofline), and its providers (the fused kernel and 
 times every provider at every size and dtype, measures the device's copy bandwidth in the same run, and
 appends one JSON line per measurement to ``benchmarks/results/kernels.jsonl``:
 
-    {"op", "provider", "size", "dtype", "device", "date", "ms", "bytes", "copy_gbps", "roofline", "note", ...}
+    {"op", "provider", "size", "dtype", "device", "date", "ms", "bytes", "copy_gbps", "roofline", "timing", "note", ...}
 
 ``roofline`` is (bytes the op must move / time) / copy bandwidth: 1.0 means the op runs at copy speed.
-Timing: CUDA events around each call after a synchronize, median of ``--repeats``; on CPU, wall clock.
+Timing, median of ``--repeats`` calls: on CUDA the calls are queued back to back with an event between each
+two, so a call's time is what the GPU spends on it once the host has queued it, as in a training step where the
+op is queued behind the backward pass (a call slower to launch than to run shows its launch time instead); on
+CPU, wall clock.
 Parameter lists have the shapes of a LLaMA-style model of the requested size (``llama_shapes``).
 
 Run a script with ``--help``; e.g. ``python benchmarks/bench_ewc.py --sizes 1e6 1e7 --dtypes fp32 bf16``.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import platform
@@ -85,20 +89,21 @@ def device_name(device: torch.device) -> str:
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+    """Median milliseconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls (see the module's Timing)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        events[0].record()
+        for event in events[1:]:
             fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
+            event.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
+    else:
+        times = []
+        for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
@@ -169,6 +174,7 @@ def main(bench: Bench, argv: list[str] | None = None) -> list[dict]:
                     **bench.extra(args),
                     "bytes": num_bytes,
                     "copy_gbps": round(bandwidth, 2),
+                    "timing": "queued" if device.type == "cuda" else "wall",
                 }
                 try:
                     ms = timed_ms(bench.providers[name](inputs, args), device, repeats)
