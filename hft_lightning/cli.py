@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
@@ -77,6 +78,15 @@ class HFTCLI(LightningCLI):
         Curriculum.of(self.trainer).check_abilities(self.datamodule.ability_names)
 
     before_fit = before_validate = before_test = _check_plan
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        # The default logger writes beside the report and the model, under trainer.default_root_dir, unless its
+        # save_dir was set to another folder.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger, root = config.trainer.logger, config.trainer.default_root_dir
+        if isinstance(logger, Namespace) and logger.init_args.get("save_dir") == DEFAULT_ROOT_DIR and root is not None:
+            logger.init_args.save_dir = root
 
     def fit(self, model: HFTModule, datamodule: StagedDataModule, **kwargs: Any) -> None:
         """Runs ``trainer.fit``, or with ``--plan_only=true`` only plans: prints the plan and saves plan.json."""

@@ -175,6 +175,23 @@ def test_fit_then_test_from_the_command_line_with_wandb_offline(tmp_path):
     assert (root / "config.yaml").exists() and (root / "config_test.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "save_dir"),
+    [
+        (["--trainer.default_root_dir={root}"], "{root}"),
+        (["--trainer.default_root_dir={root}", "--trainer.logger.init_args.save_dir={root}/logs"], "{root}/logs"),
+        (
+            ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir={root}/c"],
+            "{root}/c",
+        ),
+        ([], "runs/hft"),
+    ],
+)
+def test_the_default_logger_writes_under_the_root_dir(flags, save_dir, tmp_path):
+    cli = main([flag.format(root=tmp_path) for flag in flags] + ["--data.num_train=16", "--data.num_val=4"], run=False)
+    assert str(cli.trainer.logger.save_dir) == save_dir.format(root=tmp_path)
+
+
 def test_the_default_logger_is_wandb_offline_or_csv_without_wandb(monkeypatch):
     from hft_lightning import cli
 
