@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import math
@@ -107,14 +108,15 @@ _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _MS_RELATIME = 0x200000
 _MS_STRICTATIME = 0x1000000
-# Flags a read-only remount must repeat: a user namespace may not clear them (statvfs flag -> mount flag).
-_KEPT_MOUNT_FLAGS = {
-    os.ST_NOSUID: _MS_NOSUID,
-    os.ST_NODEV: _MS_NODEV,
-    os.ST_NOEXEC: _MS_NOEXEC,
-    os.ST_NOATIME: _MS_NOATIME,
-    os.ST_NODIRATIME: _MS_NODIRATIME,
-    os.ST_RELATIME: _MS_RELATIME,
+# Per-mount options a read-only remount must repeat, as /proc/self/mountinfo names them: a user namespace may
+# not clear them.
+_KEPT_MOUNT_OPTIONS = {
+    b"nosuid": _MS_NOSUID,
+    b"nodev": _MS_NODEV,
+    b"noexec": _MS_NOEXEC,
+    b"noatime": _MS_NOATIME,
+    b"nodiratime": _MS_NODIRATIME,
+    b"relatime": _MS_RELATIME,
 }
 # The private /tmp and /dev/shm: 1 MiB per file already (RLIMIT_FSIZE), this bounds the memory they can hold.
 _TMPFS_OPTIONS = b"mode=1777,size=16m,nr_inodes=1024"
@@ -457,26 +459,30 @@ def _enter_namespaces(result_fd: int) -> int:
 def _private_filesystem() -> None:
     """Remounts every mount read-only, then mounts private ``/tmp``, ``/dev/shm`` and this PID namespace's ``/proc``."""
     _mount(None, b"/", None, _MS_REC | _MS_PRIVATE)  # so that nothing below propagates back to the host
-    for point in _mount_points():
-        try:
-            kept = os.statvfs(point).f_flag
-        except PermissionError:  # out of the caller's reach, so of the program's too: it runs as the caller
+    for point, options in _mounts():
+        if b"ro" in options:
             continue
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
-        flags |= sum(mount_flag for stat_flag, mount_flag in _KEPT_MOUNT_FLAGS.items() if kept & stat_flag)
-        if not kept & (os.ST_NOATIME | os.ST_RELATIME):
+        flags |= sum(flag for option, flag in _KEPT_MOUNT_OPTIONS.items() if option in options)
+        if not options & {b"noatime", b"relatime"}:
             flags |= _MS_STRICTATIME
-        _mount(None, point, None, flags)
+        try:
+            _mount(None, point, None, flags)
+        except OSError as exc:
+            if exc.errno != errno.EACCES:  # EACCES: out of the caller's reach, so of the program's (its user's) too
+                raise
     for point in (b"/tmp", b"/dev/shm"):
         if os.path.isdir(point):
             _mount(b"tmpfs", point, b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, _TMPFS_OPTIONS)
     _mount(b"proc", b"/proc", b"proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
 
 
-def _mount_points() -> list[bytes]:
-    """This mount namespace's mount points, parents first, with ``/proc/self/mountinfo``'s octal escapes decoded."""
+def _mounts() -> list[tuple[bytes, set[bytes]]]:
+    """This mount namespace's mount points, parents first, with their per-mount options (``/proc/self/mountinfo``)."""
     with open("/proc/self/mountinfo", "rb") as mountinfo:
-        return [re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4]) for line in mountinfo]
+        fields = [line.split() for line in mountinfo]
+    unescape = re.compile(rb"\\([0-7]{3})")  # mountinfo writes a space in a path as \040
+    return [(unescape.sub(lambda m: bytes([int(m[1], 8)]), f[4]), set(f[5].split(b","))) for f in fields]
 
 
 def _mount(source: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
@@ -511,8 +517,8 @@ def _namespaces_missing() -> str | None:
 def _check(result: int, call: str) -> None:
     """Raises ``OSError`` naming ``call`` if a libc call failed (returned nonzero)."""
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{call}: {os.strerror(errno)}")
+        code = ctypes.get_errno()
+        raise OSError(code, f"{call}: {os.strerror(code)}")
 
 
 def _import_through(import_fds: dict[str, int]) -> None:
