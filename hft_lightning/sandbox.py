@@ -19,7 +19,8 @@ Namespaces. The child unshares a network namespace (no interface up: every conne
 included), a mount namespace, a PID namespace and an IPC namespace, then forks the process that runs the
 program: the first process of the new PID namespace, which sees no other process and can signal none. In
 the mount namespace every mount is remounted read-only, an empty private tmpfs covers ``/tmp`` (the
-program's working directory) and ``/dev/shm``, and ``/proc`` shows the new PID namespace only. A caller
+program's working directory), ``/dev/shm`` and (read-only) ``/run``, and ``/proc`` shows the new PID
+namespace only. A caller
 that is not root gets the same through a user namespace that maps only its own uid and gid; the child
 clears the capabilities that namespace gave it once its mounts are set, so a program cannot undo them.
 ``unshare``, ``mount`` and ``capset`` go through libc with ``ctypes``: ``os`` has only ``unshare``, and
@@ -457,7 +458,7 @@ def _enter_namespaces(result_fd: int) -> int:
 
 
 def _private_filesystem() -> None:
-    """Remounts every mount read-only, then mounts private ``/tmp``, ``/dev/shm`` and this PID namespace's ``/proc``."""
+    """Remounts every mount read-only, then mounts private ``/tmp``, ``/dev/shm``, ``/run`` and ``/proc``."""
     _mount(None, b"/", None, _MS_REC | _MS_PRIVATE)  # so that nothing below propagates back to the host
     for point, options in _mounts():
         if b"ro" in options:
@@ -471,9 +472,11 @@ def _private_filesystem() -> None:
         except OSError as exc:
             if exc.errno != errno.EACCES:  # EACCES: out of the caller's reach, so of the program's (its user's) too
                 raise
-    for point in (b"/tmp", b"/dev/shm"):
+    # /run is left empty and read-only: it holds the sockets of system services (D-Bus, Docker), and a
+    # read-only mount does not stop a connect().
+    for point, read_only in ((b"/tmp", 0), (b"/dev/shm", 0), (b"/run", _MS_RDONLY)):
         if os.path.isdir(point):
-            _mount(b"tmpfs", point, b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, _TMPFS_OPTIONS)
+            _mount(b"tmpfs", point, b"tmpfs", read_only | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, _TMPFS_OPTIONS)
     _mount(b"proc", b"/proc", b"proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
 
 

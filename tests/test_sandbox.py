@@ -358,19 +358,32 @@ def test_invalid_arguments_raise(kwargs, argument):
 
 @pytest.fixture
 def listener(request) -> Iterator[tuple[socket.socket, object]]:
-    """A socket listening on loopback TCP or on an abstract Unix address, and that address."""
+    """A socket listening on loopback TCP, an abstract Unix address or a Unix socket file in /run, and its address.
+
+    The file stands for a system service's socket, like Docker's: writable by everyone here, so only its
+    absence from the program's view keeps the program out.
+    """
+    name = f"hft-sandbox-test-{os.getpid()}"
     if request.param == "tcp":
         server = socket.create_server(("127.0.0.1", 0))
     else:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(f"\0hft-sandbox-test-{os.getpid()}-{random.Random().random()}")
+        if request.param == "abstract-unix":
+            server.bind(f"\0{name}")
+        elif os.access("/run", os.W_OK):
+            server.bind(f"/run/{name}.sock")
+            os.chmod(f"/run/{name}.sock", 0o666)
+        else:
+            pytest.skip("needs a writable /run to place a service's socket in")
         server.listen()
     server.setblocking(False)
     yield server, server.getsockname()
     server.close()
+    if request.param == "run-unix":
+        os.remove(f"/run/{name}.sock")
 
 
-@pytest.mark.parametrize("listener", ["tcp", "abstract-unix"], indirect=True)
+@pytest.mark.parametrize("listener", ["tcp", "abstract-unix", "run-unix"], indirect=True)
 def test_network_is_unreachable_in_namespaces(namespaces, listener):
     server, address = listener
     family = "AF_INET" if server.family == socket.AF_INET else "AF_UNIX"
@@ -390,6 +403,7 @@ def test_tmp_is_private_empty_and_writable():
     checks = [
         "import os",
         "assert os.getcwd() == '/tmp' and os.listdir('/tmp') == [] and os.listdir('/dev/shm') == []",
+        "assert os.listdir('/run') == []",
         f"open('/tmp/{name}', 'w').write('x')",
         f"open('/dev/shm/{name}', 'w').write('x')",
         "open('in-cwd.txt', 'w').write('x')",
