@@ -15,19 +15,20 @@ candidate code runs:
   (it dies with the runner) and the limits: CPU seconds, address space, no new processes or threads,
   file size, open files, no core dumps.
 
-Namespaces. The child unshares a network namespace (no interface up: every connection fails, loopback
-included), a mount namespace, a PID namespace and an IPC namespace, then forks the process that runs the
-program: the first process of the new PID namespace, which sees no other process and can signal none. In
-the mount namespace every mount is remounted read-only, an empty private tmpfs covers ``/tmp`` (the
-program's working directory), ``/dev/shm`` and (read-only) ``/run``, and ``/proc`` shows the new PID
-namespace only. A caller
-that is not root gets the same through a user namespace that maps only its own uid and gid; the child
-clears the capabilities that namespace gave it once its mounts are set, so a program cannot undo them.
-``unshare``, ``mount`` and ``capset`` go through libc with ``ctypes``: ``os`` has only ``unshare``, and
-only from Python 3.12. Where the kernel refuses any of it (a container without ``CAP_SYS_ADMIN``,
-unprivileged user namespaces disabled), the runner finds out with a throwaway child before the batch and
-runs it with the isolation above minus the namespaces; ``run_tests`` warns once per process naming what
-failed. ``docs/sandbox.md`` has the threat model and the measured cost.
+Namespaces. The runner moves into a network namespace with no interface up (every connection fails,
+loopback included), which the programs of the batch share. Each child unshares a mount namespace, a PID
+namespace and an IPC namespace, then forks the process that runs the program: the first process of the
+new PID namespace, which sees no other process and can signal none. In the mount namespace every mount
+is remounted read-only, an empty private tmpfs covers ``/tmp`` (the program's working directory),
+``/dev/shm`` and (read-only) ``/run``, and ``/proc`` shows the new PID namespace only. A caller that is
+not root gets the same through a user namespace that maps only its own uid and gid (entered by the
+runner with the network namespace); the child clears the capabilities that namespace gave it once its
+mounts are set, so a program cannot undo them. ``unshare``, ``mount`` and ``capset`` go through libc
+with ``ctypes``: ``os`` has only ``unshare``, and only from Python 3.12. Where the kernel refuses any of
+it (a container without ``CAP_SYS_ADMIN``, unprivileged user namespaces disabled), the runner finds out
+with a throwaway child before the batch and runs it with the isolation above minus the namespaces;
+``run_tests`` warns once per process naming what failed. ``docs/sandbox.md`` has the threat model and
+the measured cost.
 
 Result channel. The runner creates a pipe and a random 16-byte nonce per child. The child writes the
 nonce once when its sandbox is set up, then compiles the program and the tests, executes the program,
@@ -185,9 +186,9 @@ def namespaces_unavailable() -> str | None:
     """Says why ``run_tests`` cannot give programs their own namespaces here, probing in a runner.
 
     Returns:
-        None when every program gets its own network, mount, PID and IPC namespaces, otherwise the
-        failure that prevents it (e.g. ``"[Errno 1] unshare(network, mount, PID, IPC): Operation not
-        permitted"``).
+        None when every program gets its own mount, PID and IPC namespaces in a network namespace
+        without interfaces, otherwise the failure that prevents it (e.g. ``"[Errno 1] unshare(network):
+        Operation not permitted"``).
     """
     return _call_runner([], [], timeout_s=1.0, memory_mb=1)["missing"]
 
@@ -233,7 +234,7 @@ def _report_isolation(missing: str | None) -> None:
         return
     _reported.add(missing)
     if missing is None:
-        _log.info("code sandbox: every program runs in its own network, mount, PID and IPC namespaces")
+        _log.info("code sandbox: every program runs in its own mount, PID and IPC namespaces, without network")
     else:
         caller = "" if os.geteuid() == 0 else "; they run as this process's user and can change its files"
         warnings.warn(
@@ -282,6 +283,8 @@ def _run_batch(
         The verdicts, and why the programs ran without namespaces (None if they had them).
     """
     missing = _namespaces_missing() if namespaces else "turned off"
+    if missing is None:
+        _enter_batch_namespaces()
     drop_privileges = os.geteuid() == 0
     setup = _Setup(timeout_s, memory_mb, _open_import_dirs() if drop_privileges else {}, missing is None)
     if not setup.namespaces:
@@ -421,6 +424,27 @@ def _enter_sandbox(result_fd: int, workdir: str, setup: _Setup) -> None:
         resource.setrlimit(limit, value)
 
 
+def _enter_batch_namespaces() -> None:
+    """Moves the runner into a network namespace with no interface up, which all its children share.
+
+    A caller that is not root enters a user namespace with it, mapping only its own uid and gid: there the
+    children may create their other namespaces and mount. One network namespace per batch rather than per
+    program: creating and destroying one costs far more than the others (see ``docs/sandbox.md``), and
+    the programs of a batch can reach nothing through it but each other's abstract Unix sockets.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare({_CLONE_NEWUSER: "user", _CLONE_NEWNET: "network"} if uid != 0 else {_CLONE_NEWNET: "network"})
+    if uid != 0:
+        for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, line.encode())
+            except OSError as exc:
+                raise OSError(exc.errno, f"writing {line!r} to /proc/self/{name}: {exc.strerror}") from None
+            finally:
+                os.close(fd)
+
+
 def _enter_namespaces(result_fd: int) -> int:
     """Moves this (forked) process into new namespaces and returns in the first process of the PID one.
 
@@ -433,19 +457,7 @@ def _enter_namespaces(result_fd: int) -> int:
         ``PR_SET_PDEATHSIG``, which does nothing for a parent that is already dead.
     """
     _check(_LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
-    uid, gid = os.geteuid(), os.getegid()
-    namespaces = {_CLONE_NEWUSER: "user"} if uid != 0 else {}
-    namespaces |= {_CLONE_NEWNET: "network", _CLONE_NEWNS: "mount", _CLONE_NEWPID: "PID", _CLONE_NEWIPC: "IPC"}
-    _check(_LIBC.unshare(sum(namespaces)), f"unshare({', '.join(namespaces.values())})")
-    if uid != 0:
-        for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
-            try:
-                os.write(fd, line.encode())
-            except OSError as exc:
-                raise OSError(exc.errno, f"writing {line!r} to /proc/self/{name}: {exc.strerror}") from None
-            finally:
-                os.close(fd)
+    _unshare({_CLONE_NEWNS: "mount", _CLONE_NEWPID: "PID", _CLONE_NEWIPC: "IPC"})
     alive_read, alive_write = os.pipe()  # reads EOF in the new process once this one is gone
     pid = os.fork()
     if pid:
@@ -455,6 +467,11 @@ def _enter_namespaces(result_fd: int) -> int:
     os.close(alive_write)
     _private_filesystem()
     return alive_read
+
+
+def _unshare(namespaces: dict[int, str]) -> None:
+    """Unshares the namespaces given as ``{CLONE_NEW* flag: name}``, naming them if the kernel refuses."""
+    _check(_LIBC.unshare(sum(namespaces)), f"unshare({', '.join(namespaces.values())})")
 
 
 def _private_filesystem() -> None:
@@ -500,11 +517,12 @@ def _drop_capabilities() -> None:
 
 
 def _namespaces_missing() -> str | None:
-    """Enters the namespaces in a throwaway child; returns why that failed, or None if it worked."""
+    """Enters the batch's and a program's namespaces in a throwaway child; returns why it failed, or None."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
+            _enter_batch_namespaces()
             _enter_namespaces(write_fd)
         except BaseException as exc:
             os.write(write_fd, str(exc).encode())

@@ -461,7 +461,7 @@ def test_first_call_logs_the_isolation_once(monkeypatch, caplog):
         run_tests([ADD_3], [ADD_3_TESTS])
         run_tests([ADD_3], [ADD_3_TESTS])
     assert [r.getMessage() for r in caplog.records] == [
-        "code sandbox: every program runs in its own network, mount, PID and IPC namespaces"
+        "code sandbox: every program runs in its own mount, PID and IPC namespaces, without network"
     ]
 
 
