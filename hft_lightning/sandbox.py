@@ -433,7 +433,8 @@ def _enter_batch_namespaces() -> None:
     the programs of a batch can reach nothing through it but each other's abstract Unix sockets.
     """
     uid, gid = os.geteuid(), os.getegid()
-    _unshare({_CLONE_NEWUSER: "user", _CLONE_NEWNET: "network"} if uid != 0 else {_CLONE_NEWNET: "network"})
+    user = {_CLONE_NEWUSER: "user"} if uid != 0 else {}
+    _unshare(user | {_CLONE_NEWNET: "network"})
     if uid != 0:
         for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
