@@ -16,4 +16,4 @@ test-slow:
 	python -m pytest -m slow
 
 bench:
-	for b in ewc fisher gem_dots gem_project retention_overhead retention_memory packing; do python benchmarks/bench_$$b.py || exit 1; done
+	for b in ewc fisher gem_dots gem_project retention_overhead retention_memory packing sandbox; do python benchmarks/bench_$$b.py || exit 1; done
