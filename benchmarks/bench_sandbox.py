@@ -73,13 +73,13 @@ def time_batch(size: int, namespaces: bool) -> float:
     return elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sandbox batch time with and without per-program namespaces.")
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 64], help="programs per batch")
     parser.add_argument("--rounds", type=int, default=20, help="timed batches per size and isolation")
     parser.add_argument("--setups", type=int, default=500, help="namespace setups timed for their CPU cost")
     parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", "code sandbox without Linux namespaces", RuntimeWarning)  # basic is forced
     missing = sandbox.namespaces_unavailable()
     if missing is not None:
