@@ -34,7 +34,6 @@ from transformers import (
 )
 from typing_extensions import override
 
-from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.packing import pack_batch
 from hft_lightning.data.sft import IGNORE_INDEX, trained_tokens
 from hft_lightning.errors import ConfigError
@@ -42,10 +41,11 @@ from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from hft_lightning.plan import NO_PLAN, Plan
 from hft_lightning.report import write_report
 from hft_lightning.schedule import StageSchedule
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 """Layout of what the module and the callbacks keep in a checkpoint: raise it whenever a state's layout changes."""
 
 
@@ -148,6 +148,13 @@ class HFTModule(pl.LightningModule):
         self.ability_names: list[str] = []
         self.ability_scores = nn.ModuleDict()
         self.accuracy_matrix: AccuracyMatrix | None = None
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Follows ``plan`` (pushed by the curriculum): the learning-rate schedule restarts at each of its stages."""
+        self.plan = plan
+        if self.accuracy_matrix is not None:
+            self.accuracy_matrix.learned_at = tuple(plan.learned_at(name) for name in self.accuracy_matrix.abilities)
 
     @override
     def setup(self, stage: str) -> None:
@@ -156,9 +163,9 @@ class HFTModule(pl.LightningModule):
         # An ability with no scorer (validation loss only) is left out of the scores and the accuracy matrix.
         scored = [a for a in datamodule.abilities if a.scorer is not None]
         self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in scored})
-        curriculum = Curriculum.of(self.trainer)
-        learned_at = [curriculum.learned_at(a.name) for a in scored]
-        self.accuracy_matrix = AccuracyMatrix([a.name for a in scored], len(curriculum.stages), learned_at)
+        plan = self._plan()
+        learned_at = [plan.learned_at(a.name) for a in scored]
+        self.accuracy_matrix = AccuracyMatrix([a.name for a in scored], len(plan.stages), learned_at)
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects).
@@ -253,22 +260,15 @@ class HFTModule(pl.LightningModule):
         self._log_scores("test", self._compute_scores())
 
     @override
-    def on_fit_start(self) -> None:
-        # A curriculum whose planner measures the model orders its stages in its own on_fit_start, which Lightning
-        # runs before this hook and after setup(): the stage that first trains each ability is known only now.
-        curriculum = Curriculum.of(self.trainer)
-        self.accuracy_matrix.learned_at = tuple(curriculum.learned_at(name) for name in self.accuracy_matrix.abilities)
-
-    @override
     def on_train_start(self) -> None:
         # Rows measurable now: "before" at step 0, and after a resume exactly at a stage boundary, the row of the
         # stage that just ended (Lightning does not rerun an epoch-end validation a checkpoint was taken before).
-        curriculum = Curriculum.of(self.trainer)
+        plan = self._plan()
         step = self.trainer.global_step
         rows = [
             row
-            for row in range(len(curriculum.stages) + 1)
-            if curriculum.steps_before(row) == step and torch.isnan(self.accuracy_matrix.matrix[row]).all()
+            for row in range(len(plan.stages) + 1)
+            if plan.steps_before(row) == step and torch.isnan(self.accuracy_matrix.matrix[row]).all()
         ]
         if not rows:
             return
@@ -289,11 +289,11 @@ class HFTModule(pl.LightningModule):
         derived = self.accuracy_matrix.compute()  # a collective under DDP (a row recorded since the last compute)
         if not self.trainer.is_global_zero:
             return
-        curriculum = Curriculum.of(self.trainer)
+        plan = self._plan()
         report = write_report(
             Path(self.trainer.default_root_dir) / "report",
             abilities=self.ability_names,
-            stages=curriculum.plan(),
+            stages=plan.to_dict()["stages"],
             before=self._by_ability(self.accuracy_matrix.before),
             accuracy_matrix=[self._by_ability(row) for row in self.accuracy_matrix.stage_rows],
             derived={
@@ -302,7 +302,7 @@ class HFTModule(pl.LightningModule):
                 "bwt": derived["bwt"].item(),
                 "fwt": derived["fwt"].item(),
             },
-            planning=curriculum.explanation(),
+            planning=plan.to_dict(),
         )
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
         root = Path(self.trainer.default_root_dir)
@@ -325,6 +325,11 @@ class HFTModule(pl.LightningModule):
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
 
+    def _plan(self) -> Plan:
+        if self.plan is None:
+            raise ConfigError(f"HFTModule {NO_PLAN}")
+        return self.plan
+
     def _by_ability(self, scores: torch.Tensor) -> list[float]:
         """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
         # reshape: torchmetrics squeezes a one-element result of compute() to 0-dim
@@ -337,8 +342,7 @@ class HFTModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
-        stage_steps = [stage.steps for stage in Curriculum.of(self.trainer).stages]
-        schedule = StageSchedule(stage_steps, self.hparams.warmup_steps)
+        schedule = StageSchedule(self._plan().stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

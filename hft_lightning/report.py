@@ -39,6 +39,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
+from hft_lightning.plan import Plan
+
 DPI = 120
 
 
@@ -107,28 +109,29 @@ def write_report(
     return directory
 
 
-def write_plan(directory: str | Path, plan: Mapping[str, Any]) -> Path:
+def write_plan(directory: str | Path, plan: Plan) -> Path:
     """Write ``plan.json`` and, when the plan measured gradient affinity, ``affinity.png`` into a folder.
 
     Args:
         directory: The report folder, created if needed. An ``affinity.png`` of an earlier plan is removed when this
             plan has no affinity, so the folder never shows a matrix that did not decide this plan.
-        plan: The plan, JSON-serialisable: :meth:`hft_lightning.Curriculum.explanation`. Its ``measurements`` may
-            hold ``affinity``: ``abilities`` (k names) and ``matrix`` (k x k cosines in [-1, 1]).
+        plan: The plan. Its ``measurements`` may hold ``affinity``: ``abilities`` (k names) and ``matrix`` (k x k
+            cosines in [-1, 1]).
 
     Returns:
         The path of ``plan.json``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    affinity = plan.get("measurements", {}).get("affinity")
+    affinity = plan.measurements.get("affinity")
     if affinity is None:
         (directory / "affinity.png").unlink(missing_ok=True)
     else:
         _replace_atomically(
             directory / "affinity.png", _png(_affinity_heatmap(affinity["abilities"], affinity["matrix"]))
         )
-    _replace_atomically(directory / "plan.json", (json.dumps(plan, indent=2, allow_nan=False) + "\n").encode())
+    content = json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n"
+    _replace_atomically(directory / "plan.json", content.encode())
     return directory / "plan.json"
 
 

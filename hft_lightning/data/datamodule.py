@@ -3,9 +3,10 @@
 The tokenizer is the pretrained model's own when ``tokenizer_name_or_path`` is set (the CLI links it from
 ``model.name_or_path``, so the user names the model once), and a BPE tokenizer trained on the abilities otherwise.
 
-Training sees one stage at a time: :meth:`StagedDataModule.train_dataloader` is called again at every
-epoch (one epoch per stage) and samples from the current stage's mixture. Validation always covers every
-ability, one dataloader per ability in declaration order, whatever stage is training.
+Training sees one stage at a time: the curriculum pushes its :class:`~hft_lightning.plan.Plan` here
+(:meth:`StagedDataModule.set_plan`), and :meth:`StagedDataModule.train_dataloader`, called again at every epoch (one
+epoch per stage), samples from the mixture of the epoch's stage. Validation always covers every ability, one
+dataloader per ability in declaration order, whatever stage is training.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.ability import Ability
 from hft_lightning.data.builtin import load_ability
 from hft_lightning.data.sampler import StageBatchSampler
@@ -28,6 +28,7 @@ from hft_lightning.data.sft import SFTCollator, SFTDataset
 from hft_lightning.data.source import AbilitySource
 from hft_lightning.data.tokenizer import build_tokenizer, load_tokenizer
 from hft_lightning.errors import ConfigError
+from hft_lightning.plan import NO_PLAN, Plan
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
 MIN_VOCAB_SIZE = 261
@@ -109,6 +110,16 @@ class StagedDataModule(pl.LightningDataModule):
         self._collate = SFTCollator(self.tokenizer.pad_token_id)
         self._train_sets = [self._dataset(a, "train") for a in self.abilities]
         self._val_sets = [self._dataset(a, "val") for a in self.abilities]
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Trains the stages of ``plan`` (pushed by the curriculum)."""
+        self.plan = plan
+
+    def _stages(self) -> Plan:
+        if self.plan is None:
+            raise ConfigError(f"StagedDataModule {NO_PLAN}")
+        return self.plan
 
     def _dataset(self, ability: Ability, split: str) -> SFTDataset:
         examples = ability.train if split == "train" else ability.val
@@ -122,8 +133,7 @@ class StagedDataModule(pl.LightningDataModule):
 
     def stage_sampler(self, index: int, start_batch: int = 0) -> StageBatchSampler:
         """The deterministic batch order of stage ``index``, starting at batch ``start_batch``."""
-        curriculum = Curriculum.of(self.trainer)
-        stage = curriculum.stages[index]
+        stage = self._stages().stages[index]
         return StageBatchSampler(
             dataset_sizes=[len(a.train) for a in self.abilities],
             weights=[stage.mixture.get(name, 0.0) for name in self.ability_names],
@@ -155,9 +165,9 @@ class StagedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
-        curriculum = Curriculum.of(self.trainer)
-        index = curriculum.stage_index
-        start_batch = (self.trainer.global_step - curriculum.steps_before(index)) * self.trainer.accumulate_grad_batches
+        plan = self._stages()
+        index = plan.stage_index(self.trainer.current_epoch)
+        start_batch = (self.trainer.global_step - plan.steps_before(index)) * self.trainer.accumulate_grad_batches
         dataset = ConcatDataset(self._train_sets)
         return DataLoader(dataset, batch_sampler=self.stage_sampler(index, start_batch), collate_fn=self._collate)
 

@@ -3,13 +3,14 @@
 Design (after Lightning's ``BaseFinetuning``): one shallow base with two override points.
 
 - :meth:`RetentionCallback.consolidate` runs when the :class:`~hft_lightning.Curriculum` announces the end of a
-  stage that another stage follows: estimate what the finished stage learned (a Fisher diagonal, anchors,
-  a memory of examples).
+  stage that another stage follows (``on_stage_end(trainer, pl_module, stage, index)``): estimate what the finished
+  stage learned (a Fisher diagonal, anchors, a memory of examples).
 - :meth:`RetentionCallback.edit_gradients` runs in ``on_before_optimizer_step``, where the gradients are
   accumulated over micro-batches and unscaled, and clipping has not run yet: once per optimizer step.
 
 State is keyed by parameter *name*, never by position, so a checkpoint loads into a model whose parameters are
-ordered differently, and a missing or unexpected name is an error that names it (:meth:`match_names`). Only
+ordered differently, and a missing or unexpected name is an error that names it (:meth:`match_names`). The
+curriculum pushes its :class:`~hft_lightning.plan.Plan` to every retention callback (:meth:`set_plan`). Only
 trainable parameters are protected, so adapters (LoRA) are protected and frozen weights cost nothing.
 """
 
@@ -25,8 +26,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 from typing_extensions import override
 
-from hft_lightning.curriculum import Curriculum, Stage
 from hft_lightning.errors import ConfigError
+from hft_lightning.plan import Plan, Stage
 
 
 class RetentionCallback(Callback):
@@ -42,6 +43,11 @@ class RetentionCallback(Callback):
 
     def __init__(self, **identity: Any):
         self._identity = identity
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Follows ``plan`` (pushed by the curriculum): which stage is the last, which stage an epoch trains."""
+        self.plan = plan
 
     @property
     @override
@@ -85,16 +91,14 @@ class RetentionCallback(Callback):
                 "(its state is not sharded); use a single device or strategy=ddp"
             )
 
-    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        """Consolidates the finished stage, unless it is the last one (nothing trains after it)."""
-        curriculum = Curriculum.of(trainer)
-        index = curriculum.index(stage)
-        if trainer.sanity_checking or index == len(curriculum.stages) - 1:
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, index: int) -> None:
+        """Consolidates the finished stage ``index``, unless it is the last one (nothing trains after it)."""
+        if trainer.sanity_checking or index == len(self.plan.stages) - 1:
             return
         self.consolidate(trainer, pl_module, index)
 
-    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        """Called when a stage begins; nothing by default."""
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, index: int) -> None:
+        """Called when stage ``index`` begins; nothing by default."""
 
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
         """Records what stage ``stage_index`` learned. Override point; nothing by default."""

@@ -70,11 +70,11 @@ def test_sharded_strategies_are_refused_in_setup():
         EWC().setup(trainer, torch.nn.Module(), "fit")
 
 
-def test_replay_must_come_after_the_curriculum(tmp_path):
-    replay = Replay()
-    trainer = make_trainer(tmp_path, [replay, Curriculum()])
+def test_retention_must_come_after_the_curriculum(tmp_path):
+    curriculum = Curriculum()
+    trainer = make_trainer(tmp_path, [Replay(), curriculum])
     with pytest.raises(ConfigError, match="Curriculum before Replay"):
-        replay.setup(trainer, torch.nn.Module(), "fit")
+        curriculum.setup(trainer, torch.nn.Module(), "fit")
 
 
 class _RecordingRetention(RetentionCallback):
