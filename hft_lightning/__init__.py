@@ -1,5 +1,6 @@
 """hft_lightning: Hierarchical Fine-Tuning of LLMs with PyTorch Lightning."""
 
+from hft_lightning.callbacks import Report
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.datamodule import StagedDataModule
 from hft_lightning.data.source import AbilitySource
@@ -14,6 +15,7 @@ __all__ = [
     "HFTModule",
     "LoRA",
     "Plan",
+    "Report",
     "Stage",
     "StageProgressBar",
     "StagedDataModule",

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from hft_lightning.callbacks import Report
 from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.datamodule import StagedDataModule
 from hft_lightning.errors import ConfigError, find_config_error
@@ -105,6 +106,8 @@ class HFTCLI(LightningCLI):
             help="fit only: decide, print and save the curriculum's plan (report/plan.json) without training; with "
             "--ckpt_path=FILE, print the plan that checkpoint resumes with",
         )
+        # Every fit writes its report: the callback is added after trainer.callbacks, whatever the config lists.
+        parser.add_lightning_class_args(Report, "report")
         # One field names the model: the data module loads the same checkpoint's tokenizer.
         parser.link_arguments("model.name_or_path", "data.tokenizer_name_or_path", apply_on="parse")
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")

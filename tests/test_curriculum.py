@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from hft_lightning import Curriculum, HFTModule, Stage
+from hft_lightning import Curriculum, HFTModule, Report, Stage
 from hft_lightning.errors import ConfigError
 from hft_lightning.module import CHECKPOINT_FORMAT
 from hft_lightning.planners import Decision, Planner, Prerequisites
@@ -164,8 +164,8 @@ UNEQUAL = [
 def test_a_measured_plan_is_decided_at_fit_start_and_everything_follows_it(tiny_data, tmp_path):
     curriculum = Curriculum(UNEQUAL, planner=ConfigOrderReversed())
     assert not curriculum.planned
-    recorder = Recorder(tiny_data.tokenizer)
-    trainer = make_trainer(tmp_path, [curriculum, recorder])
+    recorder, report = Recorder(tiny_data.tokenizer), Report()
+    trainer = make_trainer(tmp_path, [curriculum, recorder, report])
     module = tiny_module(tiny_data)
     trainer.fit(module, datamodule=tiny_data)
     assert [s.name for s in curriculum.plan.stages] == ["warmup", "code", "math"] and curriculum.planner.calls == 1
@@ -173,7 +173,7 @@ def test_a_measured_plan_is_decided_at_fit_start_and_everything_follows_it(tiny_
                                                                 ("start", "math", 5)]  # fmt: skip
     assert all("Write a Python function" in text for text in recorder.prompts["code"])
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].starts == [0, 2, 5, 6]  # the planned lengths
-    assert module.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
+    assert report.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
 
     plan = json.loads((tmp_path / "report" / "plan.json").read_text())
     assert plan["planner"] == "ConfigOrderReversed" and plan["configured_order"] == ["warmup", "math", "code"]
