@@ -1,7 +1,7 @@
 """Knowledge-retention methods, each a Lightning callback driven by the :class:`~hft_lightning.Curriculum`.
 
 Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC). A method of
-your own subclasses :class:`RetentionCallback` (see the README).
+your own subclasses :class:`RetentionCallback` (see docs/retention.md).
 """
 
 from hft_lightning.retention.agem import AGEM
