@@ -26,7 +26,6 @@ it. The plan is printed, saved to ``report/plan.json`` and kept in :meth:`Curric
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -38,6 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from hft_lightning.checks import check_callback_order, check_trainer, validate_stages
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import (
     DEFAULT_STAGES,
@@ -52,78 +52,7 @@ from hft_lightning.plan import (
 from hft_lightning.planners import Decision, Explicit, Planner, Probe
 from hft_lightning.report import write_plan
 
-__all__ = ["DEFAULT_STAGES", "Curriculum", "Stage", "check_trainer"]
-
-
-def validate_stages(stages: Sequence[Stage]) -> None:
-    """Checks the configured stages.
-
-    Raises:
-        ConfigError: Naming the stage and the field.
-    """
-    if not stages:
-        raise ConfigError("Curriculum.stages: the stage plan is empty; give at least one stage")
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"Curriculum.stages: stage names must be unique, got {names}")
-    for i, stage in enumerate(stages):
-        field = f"Curriculum.stages[{i}] ({stage.name!r})"
-        if stage.steps <= 0:
-            raise ConfigError(f"{field}.steps must be a positive number of optimizer steps, got {stage.steps}")
-        if not stage.mixture:
-            raise ConfigError(f"{field}.mixture is empty; give ability -> weight, e.g. {{math: 1.0}}")
-        for ability, weight in stage.mixture.items():
-            if not math.isfinite(weight) or weight < 0:
-                raise ConfigError(f"{field}.mixture[{ability!r}] must be a finite weight >= 0, got {weight}")
-        if sum(stage.mixture.values()) <= 0:
-            raise ConfigError(f"{field}.mixture weights are all zero; at least one must be positive")
-
-
-def check_trainer(trainer: pl.Trainer) -> None:
-    """Refuses trainer settings under which a stage would not run exactly its planned steps."""
-    # Lightning has no public accessor for the flag; it would wrap the stage sampler in a DistributedSampler.
-    if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-        raise ConfigError(
-            f"set trainer.use_distributed_sampler: false with {trainer.world_size} processes: the curriculum's "
-            "stage sampler shards each batch across the processes itself"
-        )
-    if trainer.max_steps != -1:
-        raise ConfigError(
-            f"trainer.max_steps={trainer.max_steps} conflicts with the curriculum, which sets the length of "
-            "training through Curriculum.stages[*].steps; leave trainer.max_steps unset"
-        )
-    for flag, value, default in [
-        ("limit_train_batches", trainer.limit_train_batches, 1.0),
-        ("overfit_batches", trainer.overfit_batches, 0),
-        ("fast_dev_run", trainer.fast_dev_run, False),
-    ]:
-        if value != default:
-            raise ConfigError(
-                f"trainer.{flag}={value} would cut stages short of their planned steps; shorten "
-                "Curriculum.stages[*].steps instead"
-            )
-    if trainer.limit_val_batches == 0 or trainer.check_val_every_n_epoch not in (1, None):
-        raise ConfigError(
-            "the accuracy matrix needs an evaluation after every stage: keep trainer.check_val_every_n_epoch=1 "
-            f"and trainer.limit_val_batches > 0 (got {trainer.check_val_every_n_epoch} and {trainer.limit_val_batches})"
-        )
-
-
-
-
-def _check_followers_come_after(callbacks: Sequence[Callback], curriculum: Callback) -> None:
-    """Refuses a callback that follows the stages (``on_stage_start``/``on_stage_end``) placed before the curriculum.
-
-    Callbacks run in list order, and the curriculum announces a boundary in its ``on_train_batch_start``: a callback
-    before it would run that batch's hooks in the stage that just ended (Replay would miss the stage's examples).
-    """
-    for callback in callbacks[: callbacks.index(curriculum)]:
-        if hasattr(callback, "on_stage_start") or hasattr(callback, "on_stage_end"):
-            name = type(callback).__name__
-            raise ConfigError(
-                f"trainer.callbacks: put hft_lightning.Curriculum before {name} (callbacks run in list order, and "
-                f"{name} must see the stage the Curriculum has switched to)"
-            )
+__all__ = ["DEFAULT_STAGES", "Curriculum", "Stage"]
 
 
 class Curriculum(Callback):
@@ -281,7 +210,7 @@ class Curriculum(Callback):
         self.of(trainer)  # exactly one curriculum pushes a plan
         if stage != "fit":
             return
-        _check_followers_come_after(trainer.callbacks, self)
+        check_callback_order(trainer.callbacks, self)
         check_trainer(trainer)
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ability_names"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from hft_lightning.curriculum import check_trainer
+from hft_lightning.checks import check_trainer
 from hft_lightning.errors import ConfigError
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
