@@ -46,7 +46,7 @@ def test_the_plan_imports_nothing_else_from_the_package():
     assert violations([ROOT / "hft_lightning" / "plan.py"], ("hft_lightning",)) == []
 
 
-@pytest.mark.parametrize("layer", ["data", "retention", "metrics", "planners"])
+@pytest.mark.parametrize("layer", ["data", "retention", "metrics", "planners", "scoring"])
 def test_nothing_below_the_curriculum_imports_it(layer):
     assert files(f"hft_lightning/{layer}")
     assert violations(files(f"hft_lightning/{layer}"), ("hft_lightning.curriculum",)) == []
@@ -55,6 +55,17 @@ def test_nothing_below_the_curriculum_imports_it(layer):
 def test_data_sits_below_the_curriculum_its_planners_and_the_training_code():
     above = ("curriculum", "planners", "retention", "metrics", "module", "report", "cli", "callbacks", "progress")
     assert violations(files("hft_lightning/data"), tuple(f"hft_lightning.{name}" for name in above)) == []
+
+
+def test_scoring_needs_only_the_example_the_sandbox_and_the_errors():
+    allowed = {"hft_lightning.data.example", "hft_lightning.sandbox", "hft_lightning.errors", "hft_lightning.scoring"}
+    imported = {
+        name
+        for path in files("hft_lightning/scoring")
+        for name in imported_modules(path.read_text(), "hft_lightning.scoring")
+        if name.startswith("hft_lightning")
+    }
+    assert {name for name in imported if not any(name == a or name.startswith(f"{a}.") for a in allowed)} == set()
 
 
 def test_the_rules_see_relative_and_absolute_imports():

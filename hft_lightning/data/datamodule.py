@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from hft_lightning.data.ability import Ability
-from hft_lightning.data.builtin import load_ability
+from hft_lightning.data.builtin import BuiltinSource
 from hft_lightning.data.sampler import StageBatchSampler
 from hft_lightning.data.sft import SFTCollator, SFTDataset
 from hft_lightning.data.source import AbilitySource
@@ -44,7 +44,8 @@ class StagedDataModule(pl.LightningDataModule):
             locally and named after the part after ``builtin:`` (used in stage mixtures); an
             :class:`~hft_lightning.data.source.AbilitySource` reads the user's JSONL or parquet files. At least one
             ability must have a scorer.
-        num_train: Training examples generated per built-in ability (a file ability trains on all its records).
+        num_train: Training examples per ability: generated for a built-in one (``None``: 4000), the first
+            ``num_train`` records of a file one (``None``: all of them).
         num_val: Validation examples per ability (disjoint from training), scored at every validation.
         batch_size: Training batch size.
         val_batch_size: Validation (generation) batch size.
@@ -66,7 +67,7 @@ class StagedDataModule(pl.LightningDataModule):
     def __init__(
         self,
         abilities: Sequence[str | AbilitySource] = DEFAULT_ABILITIES,
-        num_train: int = 4000,
+        num_train: int | None = None,
         num_val: int = 100,
         batch_size: int = 32,
         val_batch_size: int = 100,
@@ -76,9 +77,9 @@ class StagedDataModule(pl.LightningDataModule):
         max_length: int | None = None,
     ):
         super().__init__()
-        for name, value in {"num_train": num_train, "num_val": num_val, "batch_size": batch_size,
-                            "val_batch_size": val_batch_size}.items():  # fmt: skip
-            if value <= 0:
+        counts = dict(num_train=num_train, num_val=num_val, batch_size=batch_size, val_batch_size=val_batch_size)
+        for name, value in counts.items():
+            if value is not None and value <= 0:  # num_train None: each source's own default
                 raise ConfigError(f"data.{name} must be positive, got {value}")
         if vocab_size < MIN_VOCAB_SIZE:
             raise ConfigError(
@@ -88,10 +89,8 @@ class StagedDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.max_length must be positive, got {max_length}")
         if not abilities:
             raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
-        self.abilities: list[Ability] = [
-            s.load(num_val) if isinstance(s, AbilitySource) else load_ability(s, num_train, num_val, seed)
-            for s in abilities
-        ]
+        sources = [BuiltinSource.parse(s) if isinstance(s, str) else s for s in abilities]
+        self.abilities: list[Ability] = [s.load(num_train, num_val, seed) for s in sources]
         names = self.ability_names
         if len(set(names)) != len(names):
             raise ConfigError(f"data.abilities: ability names must be unique, got {names}")
