@@ -43,7 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import device_name
-from hft_lightning.report import draw_accuracy_matrix
+from hft_lightning.report import ACCURACY, draw_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -174,7 +174,7 @@ def figure(results: dict[str, Any]) -> Figure:
     axes = fig.subplots(1, len(methods), squeeze=False)[0]
     for ax, (name, m) in zip(axes, methods.items(), strict=True):
         before, *matrix = m["accuracy_matrix"]
-        image = draw_accuracy_matrix(ax, abilities, m["stages"], before, matrix)
+        image = draw_heatmap(ax, ACCURACY, [before, *matrix], ["before", *m["stages"]], abilities)
         ax.set_title(f"{name}\navg {m['average_accuracy']:.2f}, max forgetting {m['max_forgetting']:.2f}")
         if ax is not axes[0]:
             ax.set_ylabel("")

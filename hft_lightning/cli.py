@@ -20,10 +20,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from hft_lightning.curriculum import DEFAULT_STAGES, Curriculum
+from hft_lightning.callbacks import Report
+from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.datamodule import StagedDataModule
 from hft_lightning.errors import ConfigError, find_config_error
 from hft_lightning.module import HFTModule, check_checkpoint_format
+from hft_lightning.plan import DEFAULT_STAGES
 
 DEFAULT_ROOT_DIR = "runs/hft"
 
@@ -97,12 +99,12 @@ class HFTCLI(LightningCLI):
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path is not None:
             curriculum.load_state_dict(_curriculum_state(ckpt_path, curriculum))
-            print(curriculum.describe())
+            print(curriculum.plan.table())
             print(f"The plan of {ckpt_path}, which a resumed run follows; nothing was trained or written.")
             return
         device = self.trainer.strategy.root_device
-        curriculum.decide(model.to(device), datamodule, self.trainer.precision_plugin.train_step_context)
-        print(curriculum.describe())
+        plan = curriculum.decide(model.to(device), datamodule, self.trainer.precision_plugin.train_step_context)
+        print(plan.table())
         print(f"Plan saved to {curriculum.save_plan(self.trainer.default_root_dir)}; nothing was trained.")
 
     @override
@@ -114,6 +116,8 @@ class HFTCLI(LightningCLI):
             help="fit only: decide, print and save the curriculum's plan (report/plan.json) without training; with "
             "--ckpt_path=FILE, print the plan that checkpoint resumes with",
         )
+        # Every fit writes its report: the callback is added after trainer.callbacks, whatever the config lists.
+        parser.add_lightning_class_args(Report, "report")
         # One field names the model: the data module loads the same checkpoint's tokenizer.
         parser.link_arguments("model.name_or_path", "data.tokenizer_name_or_path", apply_on="parse")
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")

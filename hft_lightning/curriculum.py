@@ -1,36 +1,34 @@
-"""The curriculum: the stage plan of a Hierarchical Fine-Tuning run, driven inside one ``trainer.fit``.
+"""The curriculum: decides the :class:`~hft_lightning.plan.Plan` and announces its stage boundaries in ``fit``.
 
-Design: one epoch is one stage. The curriculum sets ``max_epochs`` to the number of stages and asks the
-trainer to rebuild the training dataloader every epoch; :class:`~hft_lightning.data.StagedDataModule`
-builds each epoch's loader from :attr:`Curriculum.current_stage`. Validation at the end of an epoch is
-therefore the evaluation *after* that stage, which is what the accuracy matrix records.
+Design: one epoch is one stage. The curriculum sets ``max_epochs`` to the number of stages and asks the trainer to
+rebuild the training dataloader every epoch; the datamodule builds each epoch's loader from the plan it was given.
+Validation at the end of an epoch is therefore the evaluation *after* that stage, which is what the accuracy
+matrix records.
 
-At a stage boundary every callback that defines ``on_stage_end(trainer, pl_module, stage)`` and
-``on_stage_start(trainer, pl_module, stage)`` (the retention callbacks) is told, in that order. The
-indices of the last stage started and ended are saved in :meth:`Curriculum.state_dict`, and pending
-announcements are made before the next training batch, so a run resumed from any checkpoint (mid-stage,
-or between a stage's last batch and its end) announces each boundary exactly once. Progress inside a
-stage is derived from ``trainer.global_step``, which Lightning restores, so the data order after a resume
-is exactly the uninterrupted run's.
+Data flows one way. The curriculum runs the planner, keeps the resulting :class:`~hft_lightning.plan.Plan` and
+pushes it to every object that :class:`~hft_lightning.plan.FollowsPlan` (the datamodule, the module's learning-rate
+schedule, the report callback): in ``setup``, and again in ``on_fit_start`` once the plan is final. At a stage
+boundary every callback that defines ``on_stage_end(trainer, pl_module, stage, index)`` and
+``on_stage_start(trainer, pl_module, stage, index)`` (the retention callbacks) is told, in that order. The indices
+of the last stage started and ended are saved in :meth:`Curriculum.state_dict`, and pending announcements are made
+before the next training batch, so a run resumed from any checkpoint (mid-stage, or between a stage's last batch and
+its end) announces each boundary exactly once.
 
-Order: a :mod:`planner <hft_lightning.planners>` decides the order of the *single-ability* stages (a stage whose
-mixture trains one ability); mixture stages keep their configured positions. A planner that only reads the config
-(explicit, prerequisites) decides when the curriculum is built. A planner that measures the model decides in
-``on_fit_start``: the model is on its device and a checkpoint's state is restored by then, and a restored plan is
-kept, never measured again. Under DDP rank 0 measures and broadcasts its plan, so every process trains the same
-order. ``configure_optimizers`` runs just before that hook, so if the plan moves stages of different lengths the
-optimizers are set up again for the learning-rate schedule to follow the plan; the datamodule and the retention
-callbacks read the stages only once training starts. The plan is printed, saved to ``report/plan.json`` and kept in
-:meth:`Curriculum.state_dict`.
+Order: a :mod:`planner <hft_lightning.planners>` decides the order of the *single-ability* stages; mixture stages
+keep their configured positions. A planner that only reads the config (explicit, prerequisites) decides when the
+curriculum is built. A planner that measures the model decides in ``on_fit_start``: the model is on its device and a
+checkpoint's state is restored by then, and a restored plan is kept, never measured again. Under DDP rank 0 measures
+and broadcasts the plan, so every process trains the same order. ``configure_optimizers`` runs just before that
+hook, so if the plan moves stages of different lengths the optimizers are set up again for the schedule to follow
+it. The plan is printed, saved to ``report/plan.json`` and kept in :meth:`Curriculum.state_dict`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,122 +37,37 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from hft_lightning.checks import check_callback_order, check_trainer, validate_stages
 from hft_lightning.errors import ConfigError
+from hft_lightning.plan import (
+    DEFAULT_STAGES,
+    MIXTURE_WHY,
+    UNPLANNED_WHY,
+    FollowsPlan,
+    Plan,
+    Stage,
+    arrange,
+    single_ability,
+)
 from hft_lightning.planners import Decision, Explicit, Planner, Probe
 from hft_lightning.report import write_plan
 
-
-@dataclass
-class Stage:
-    """One stage of the plan.
-
-    Attributes:
-        name: Shown in the progress bar, the logs and the report.
-        steps: Optimizer steps the stage trains for.
-        mixture: Ability name -> sampling weight of its examples in this stage's batches. A single-ability
-            stage is ``{math: 1.0}``; the unified stage mixes all abilities.
-    """
-
-    name: str
-    steps: int
-    mixture: dict[str, float]
-
-
-DEFAULT_STAGES = (
-    Stage(name="foundation", steps=300, mixture={"math": 1.0, "code": 1.0, "general": 1.0}),
-    Stage(name="math", steps=300, mixture={"math": 1.0}),
-    Stage(name="code", steps=300, mixture={"code": 1.0}),
-    Stage(name="general", steps=300, mixture={"general": 1.0}),
-    Stage(name="unified", steps=300, mixture={"math": 1.0, "code": 1.0, "general": 1.0}),
-)
-"""The embedded default plan. The tiny default model starts from random weights, where real SFT starts from a
-pretrained model: the short mixed ``foundation`` stage stands in for that pretraining. Without it, a model
-trained from scratch on one narrow ability barely learns the next ones (benchmarks/LOG.md, 2026-11-25)."""
-
-
-ORDER_RULE = "single-ability stages are ordered by the planner; mixture stages keep their configured positions"
-MIXTURE_WHY = "mixture: keeps its configured position"
-
-
-def _single_ability(stage: Stage) -> str | None:
-    """The one ability ``stage`` trains, or ``None`` for a mixture of several."""
-    trained = [ability for ability, weight in stage.mixture.items() if weight > 0]
-    return trained[0] if len(trained) == 1 else None
-
-
-def _validate_stages(stages: Sequence[Stage]) -> None:
-    if not stages:
-        raise ConfigError("Curriculum.stages: the stage plan is empty; give at least one stage")
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"Curriculum.stages: stage names must be unique, got {names}")
-    for i, stage in enumerate(stages):
-        field = f"Curriculum.stages[{i}] ({stage.name!r})"
-        if stage.steps <= 0:
-            raise ConfigError(f"{field}.steps must be a positive number of optimizer steps, got {stage.steps}")
-        if not stage.mixture:
-            raise ConfigError(f"{field}.mixture is empty; give ability -> weight, e.g. {{math: 1.0}}")
-        for ability, weight in stage.mixture.items():
-            if not math.isfinite(weight) or weight < 0:
-                raise ConfigError(f"{field}.mixture[{ability!r}] must be a finite weight >= 0, got {weight}")
-        if sum(stage.mixture.values()) <= 0:
-            raise ConfigError(f"{field}.mixture weights are all zero; at least one must be positive")
-
-
-def _check_trainer(trainer: pl.Trainer) -> None:
-    """Refuses trainer settings under which a stage would not run exactly its planned steps."""
-    # Lightning has no public accessor for the flag; it would wrap the stage sampler in a DistributedSampler.
-    if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-        raise ConfigError(
-            f"set trainer.use_distributed_sampler: false with {trainer.world_size} processes: the curriculum's "
-            "stage sampler shards each batch across the processes itself"
-        )
-    if trainer.max_steps != -1:
-        raise ConfigError(
-            f"trainer.max_steps={trainer.max_steps} conflicts with the curriculum, which sets the length of "
-            "training through Curriculum.stages[*].steps; leave trainer.max_steps unset"
-        )
-    for flag, value, default in [
-        ("limit_train_batches", trainer.limit_train_batches, 1.0),
-        ("overfit_batches", trainer.overfit_batches, 0),
-        ("fast_dev_run", trainer.fast_dev_run, False),
-    ]:
-        if value != default:
-            raise ConfigError(
-                f"trainer.{flag}={value} would cut stages short of their planned steps; shorten "
-                "Curriculum.stages[*].steps instead"
-            )
-    if trainer.limit_val_batches == 0 or trainer.check_val_every_n_epoch not in (1, None):
-        raise ConfigError(
-            "the accuracy matrix needs an evaluation after every stage: keep trainer.check_val_every_n_epoch=1 "
-            f"and trainer.limit_val_batches > 0 (got {trainer.check_val_every_n_epoch} and {trainer.limit_val_batches})"
-        )
-
-
-def _describe(planner: Planner) -> dict[str, Any]:
-    """Which planner decides, as ``plan.json`` and the checkpoint record it: its class name and its arguments."""
-    return {"planner": type(planner).__name__, "settings": planner.settings()}
-
-
-def _as_call(described: dict[str, Any]) -> str:
-    """What :func:`_describe` returns, written as the call that builds the planner: ``Affinity(examples=32, ...)``."""
-    arguments = ", ".join(f"{name}={value!r}" for name, value in described["settings"].items())
-    return f"{described['planner']}({arguments})"
+__all__ = ["DEFAULT_STAGES", "Curriculum", "Stage"]
 
 
 class Curriculum(Callback):
     """Runs a plan of stages, one ability (or mixture) each, inside one ``trainer.fit``.
 
     Args:
-        stages: The stages, in the configured order. Defaults to :data:`DEFAULT_STAGES`: a short foundation stage
-            on an equal mixture of the built-in abilities, one stage per ability (math, code, general), then a
-            unified stage on the mixture.
+        stages: The stages, in the configured order. Defaults to :data:`~hft_lightning.plan.DEFAULT_STAGES`: a short
+            foundation stage on an equal mixture of the built-in abilities, one stage per ability (math, code,
+            general), then a unified stage on the mixture.
         planner: Decides the order of the single-ability stages (:mod:`hft_lightning.planners`); mixture stages
             keep their positions. ``None``: :class:`~hft_lightning.planners.Explicit`, the configured order.
 
     Attributes:
         configured: The stages as configured.
-        stages: The stages in training order, once planned (:attr:`planned`); the configured order until then.
+        plan: The plan; until a measuring planner has decided (:attr:`planned`), the configured order.
 
     Example::
 
@@ -167,36 +80,42 @@ class Curriculum(Callback):
     """
 
     def __init__(self, stages: Sequence[Stage] = DEFAULT_STAGES, planner: Planner | None = None):
-        _validate_stages(stages)
-        self.configured = [Stage(**asdict(s)) for s in stages]
+        validate_stages(stages)
+        self.configured = tuple(Stage(**asdict(s)) for s in stages)
         self.planner = Explicit() if planner is None else planner
         self.planner.check(self._abilities_to_order())
-        self.stages = list(self.configured)
+        self._settings = self.planner.settings()  # as configured: a measuring planner may keep counters
+        self.plan = self._plan(
+            self.configured, {s.name: MIXTURE_WHY if single_ability(s) is None else UNPLANNED_WHY for s in stages}
+        )
         self.planned = False
-        self._why = {s.name: MIXTURE_WHY for s in self.configured if _single_ability(s) is None}
-        self._measurements: dict[str, Any] = {}
-        self._probe_cost: dict[str, float] | None = None
-        self._decided_by = _describe(self.planner)
         self.started = -1
         self.ended = -1
         self._trainer: pl.Trainer | None = None
+        self._schedule_steps: list[int] = []
         if not self.planner.measures:
             self._adopt(self.planner.order(self._abilities_to_order(), probe=None))
 
-    def _restore_plan(self, plan: dict[str, Any]) -> None:
-        """Adopts a plan as :meth:`state_dict` holds it (``order`` and ``explanation``), decided elsewhere."""
-        explanation = plan["explanation"]
-        by_name = {s.name: s for s in self.configured}
-        self.stages = [by_name[name] for name in plan["order"]]
-        self._why = {s["name"]: s["why"] for s in explanation["stages"]}
-        self._measurements = explanation["measurements"]
-        self._probe_cost = explanation["probe"]
-        self._decided_by = {"planner": explanation["planner"], "settings": explanation["settings"]}
-        self.planned = True
-
     def _abilities_to_order(self) -> list[str]:
         """The abilities of the single-ability stages, in configured order."""
-        return [a for a in map(_single_ability, self.configured) if a is not None]
+        return [a for a in map(single_ability, self.configured) if a is not None]
+
+    def _plan(
+        self,
+        stages: Sequence[Stage],
+        why: dict[str, str],
+        measurements: dict[str, Any] | None = None,
+        probe: dict[str, float] | None = None,
+    ) -> Plan:
+        return Plan(
+            stages=tuple(stages),
+            why=tuple(why[s.name] for s in stages),
+            planner=type(self.planner).__name__,
+            settings=self._settings,
+            configured_order=tuple(s.name for s in self.configured),
+            measurements=measurements or {},
+            probe=probe,
+        )
 
     def _adopt(self, decision: Decision, probe_cost: dict[str, float] | None = None) -> None:
         abilities = self._abilities_to_order()
@@ -204,12 +123,9 @@ class Curriculum(Callback):
             raise ValueError(
                 f"{type(self.planner).__name__}.order returned {decision.order}, not an order of {abilities}"
             )
-        queues = {a: [s for s in self.configured if _single_ability(s) == a] for a in abilities}
-        planned = iter([queues[a].pop(0) for a in decision.order])
-        self.stages = [next(planned) if _single_ability(s) is not None else s for s in self.configured]
-        self._why.update({s.name: decision.why[_single_ability(s)] for s in self.stages if _single_ability(s)})
-        self._measurements = decision.measurements
-        self._probe_cost = probe_cost
+        stages = arrange(self.configured, decision.order)
+        why = {s.name: MIXTURE_WHY if single_ability(s) is None else decision.why[single_ability(s)] for s in stages}
+        self.plan = self._plan(stages, why, decision.measurements, probe_cost)
         self.planned = True
 
     def decide(
@@ -217,7 +133,7 @@ class Curriculum(Callback):
         module: pl.LightningModule,
         datamodule: pl.LightningDataModule,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    ) -> None:
+    ) -> Plan:
         """Orders the stages with a planner that measures the model (a no-op once :attr:`planned`).
 
         The probe's cost, its wall-clock seconds and the examples it measured, is kept in the plan.
@@ -226,9 +142,12 @@ class Curriculum(Callback):
             module: The :class:`~hft_lightning.HFTModule` to measure, on the device to measure on.
             datamodule: The :class:`~hft_lightning.StagedDataModule` whose held-out examples are measured.
             context: Entered around every forward pass (the trainer's precision context).
+
+        Returns:
+            The plan.
         """
         if self.planned:
-            return
+            return self.plan
         probe = Probe(module, datamodule, context)
         start = time.perf_counter()
         abilities = self._abilities_to_order()
@@ -238,10 +157,11 @@ class Curriculum(Callback):
             else Decision(abilities, dict.fromkeys(abilities, "the only single-ability stage"))
         )
         self._adopt(decision, {"examples": probe.examples_used, "seconds": round(time.perf_counter() - start, 3)})
+        return self.plan
 
     @staticmethod
     def of(trainer: pl.Trainer) -> Curriculum:
-        """The trainer's curriculum callback.
+        """The trainer's curriculum callback (for the command line and tools outside the training loop).
 
         Raises:
             ConfigError: If the trainer has none or more than one.
@@ -257,26 +177,12 @@ class Curriculum(Callback):
     @property
     def stage_index(self) -> int:
         """Index of the stage being trained (the last one once training is over)."""
-        if self._trainer is None:
-            return 0
-        return min(self._trainer.current_epoch, len(self.stages) - 1)
+        return 0 if self._trainer is None else self.plan.stage_index(self._trainer.current_epoch)
 
     @property
     def current_stage(self) -> Stage:
         """The stage being trained."""
-        return self.stages[self.stage_index]
-
-    def index(self, stage: Stage) -> int:
-        """Position of ``stage`` in the plan (stages are identified by their unique names)."""
-        return [s.name for s in self.stages].index(stage.name)
-
-    def steps_before(self, index: int) -> int:
-        """Optimizer steps of all stages before stage ``index``."""
-        return sum(s.steps for s in self.stages[:index])
-
-    def learned_at(self, ability: str) -> int | None:
-        """Index of the first stage whose mixture trains ``ability`` (None if no stage does)."""
-        return next((i for i, s in enumerate(self.stages) if s.mixture.get(ability, 0) > 0), None)
+        return self.plan.stages[self.stage_index]
 
     def check_abilities(self, abilities: Sequence[str]) -> None:
         """Checks that every stage names only declared abilities.
@@ -284,7 +190,7 @@ class Curriculum(Callback):
         Raises:
             ConfigError: Naming the stage, the unknown ability and the declared ones.
         """
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.configured):
             unknown = sorted(set(stage.mixture) - set(abilities))
             if unknown:
                 raise ConfigError(
@@ -292,39 +198,40 @@ class Curriculum(Callback):
                     f"declared in data.abilities: {list(abilities)}"
                 )
 
-    @property
-    def affinity(self) -> dict[str, dict[str, float]] | None:
-        """The gradient affinity of the abilities (``affinity[a][b]``, a cosine) if the plan measured it."""
-        measured = self._measurements.get("affinity")
-        if measured is None:
-            return None
-        names = measured["abilities"]
-        return {a: dict(zip(names, row, strict=True)) for a, row in zip(names, measured["matrix"], strict=True)}
+    def _push(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hands the plan to the datamodule, the module and every callback that follows it."""
+        for follower in (trainer.datamodule, pl_module, *trainer.callbacks):
+            if isinstance(follower, FollowsPlan):
+                follower.set_plan(self.plan)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        self.of(trainer)  # exactly one curriculum pushes a plan
         if stage != "fit":
             return
-        _check_trainer(trainer)
+        check_callback_order(trainer.callbacks, self)
+        check_trainer(trainer)
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ability_names"):
             self.check_abilities(datamodule.ability_names)
-        trainer.fit_loop.max_epochs = len(self.stages)
+        trainer.fit_loop.max_epochs = len(self.configured)
         trainer.reload_dataloaders_every_n_epochs = 1
+        self._push(trainer, pl_module)
+        self._schedule_steps = self.plan.stage_steps  # what configure_optimizers, which runs next, will follow
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.planned:
-            lengths = [s.steps for s in self.stages]
-            self._restore_plan(self._decide_on_rank_zero(trainer, pl_module))
-            if [s.steps for s in self.stages] != lengths:  # the schedule configure_optimizers built is per stage
-                trainer.strategy.setup_optimizers(trainer)
-        rank_zero_info(self.describe())
+        self.plan = self._decide_on_rank_zero(trainer, pl_module)
+        self.planned = True
+        self._push(trainer, pl_module)
+        if self.plan.stage_steps != self._schedule_steps:  # a restored or measured plan moved stages of other lengths
+            trainer.strategy.setup_optimizers(trainer)
+        rank_zero_info(self.plan.table())
         if trainer.is_global_zero:
             self.save_plan(trainer.default_root_dir)
 
-    def _decide_on_rank_zero(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _decide_on_rank_zero(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Plan:
         """Rank 0 measures and decides; every process receives its plan, or its error and raises it too.
 
         One decision for all, because the same measurement can round differently on another device. A failure on
@@ -337,24 +244,24 @@ class Curriculum(Callback):
                 failure = error if isinstance(error, ConfigError) else RuntimeError(f"rank 0 could not plan: {error!r}")
                 trainer.strategy.broadcast((None, failure))
                 raise
-        plan, failure = trainer.strategy.broadcast((self._plan_state(), None))
+        plan, failure = trainer.strategy.broadcast((self.plan, None))
         if failure is not None:
             raise failure
         return plan
 
     def save_plan(self, root_dir: str | Path) -> Path:
-        """Writes ``plan.json`` (:meth:`explanation`), and the affinity heatmap if measured, to ``root_dir/report``.
+        """Writes ``plan.json`` (:meth:`Plan.to_dict`), and the affinity heatmap if measured, to ``root_dir/report``.
 
         Returns:
             The path of ``plan.json``.
         """
-        return write_plan(Path(root_dir) / "report", self.explanation())
+        return write_plan(Path(root_dir) / "report", self.plan)
 
     def _announce(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hook: str, index: int) -> None:
         for callback in trainer.callbacks:
             method = getattr(callback, hook, None)
             if callable(method):
-                method(trainer, pl_module, self.stages[index])
+                method(trainer, pl_module, self.plan.stages[index], index)
 
     @override
     def on_train_batch_start(
@@ -375,60 +282,20 @@ class Curriculum(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run resumed from the last batch of the last stage runs no batch and no epoch end.
-        if trainer.global_step >= self.steps_before(len(self.stages)):
-            self._end_stages_up_to(trainer, pl_module, len(self.stages) - 1)
+        if trainer.global_step >= self.plan.total_steps:
+            self._end_stages_up_to(trainer, pl_module, len(self.plan.stages) - 1)
 
     def _end_stages_up_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         while self.ended < index:
             self.ended += 1
             self._announce(trainer, pl_module, "on_stage_end", self.ended)
 
-    def plan(self) -> list[dict[str, Any]]:
-        """The stages in training order as plain data, each with why it is there (for reports and logs)."""
-        return [{**asdict(s), "why": self._reason(s)} for s in self.stages]
-
-    def _reason(self, stage: Stage) -> str:
-        return self._why.get(stage.name, "not planned yet: the planner measures the model at the start of fit")
-
-    def explanation(self) -> dict[str, Any]:
-        """The plan and how it was decided, as saved in ``report/plan.json``.
-
-        Returns:
-            ``planner`` (the class name of the planner that decided), ``settings`` (its arguments), ``rule`` (which
-            stages the planner moves), ``configured_order`` (stage names), ``stages`` (:meth:`plan`),
-            ``measurements`` (what the planner measured: ``difficulty`` or ``affinity``) and ``probe`` (``examples``
-            and ``seconds`` the measurement cost; ``None`` if nothing was measured).
-        """
-        return {
-            **self._decided_by,
-            "rule": ORDER_RULE,
-            "configured_order": [s.name for s in self.configured],
-            "stages": self.plan(),
-            "measurements": self._measurements,
-            "probe": self._probe_cost,
-        }
-
-    def describe(self) -> str:
-        """The plan as a text table: stage, what it trains, steps and why."""
-        probe = self._probe_cost
-        cost = f"; probe: {probe['examples']} examples in {probe['seconds']:.2f} s" if probe else ""
-        rows = [("#", "stage", "trains", "steps", "why")]
-        for i, stage in enumerate(self.stages, start=1):
-            trains = _single_ability(stage) or "mixture"
-            rows.append((str(i), stage.name, trains, str(stage.steps), self._reason(stage)))
-        widths = [max(len(row[c]) for row in rows) for c in range(4)]
-        lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows]
-        return f"Curriculum plan (planner: {self._decided_by['planner']}{cost}; {ORDER_RULE})\n" + "\n".join(lines)
-
-    def _plan_state(self) -> dict[str, Any]:
-        return {"order": [s.name for s in self.stages], "explanation": self.explanation()}
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "configured": [asdict(s) for s in self.configured],
             "planned": self.planned,
-            **self._plan_state(),
+            "plan": self.plan.to_dict(),
             "started": self.started,
             "ended": self.ended,
         }
@@ -442,14 +309,12 @@ class Curriculum(Callback):
                 f"checkpoint: {state_dict['configured']}\nconfig:     {configured}"
             )
         if state_dict["planned"]:
-            explanation = state_dict["explanation"]
-            configured_planner = _describe(self.planner)
-            decided_by = {key: explanation[key] for key in configured_planner}
-            if decided_by != configured_planner:
+            restored = Plan.from_dict(state_dict["plan"])
+            if restored.decided_by() != self.plan.decided_by():
                 rank_zero_warn(
-                    f"Curriculum.planner is {_as_call(configured_planner)} but the checkpoint's plan was decided by "
-                    f"{_as_call(decided_by)}; the run continues with the checkpoint's plan"
+                    f"Curriculum.planner is {self.plan.decided_by()} but the checkpoint's plan was decided by "
+                    f"{restored.decided_by()}; the run continues with the checkpoint's plan"
                 )
-            self._restore_plan(state_dict)
+            self.plan, self.planned = restored, True
         self.started = state_dict["started"]
         self.ended = state_dict["ended"]

@@ -6,23 +6,18 @@ optionally with LoRA adapters (:class:`~hft_lightning.lora.LoRA`), or the embedd
 model built from a config, trained from scratch.
 
 Evaluation runs greedy batched generation (KV cache) on each ability's validation split and scores it
-with that ability's scorer. The scores after each stage fill one row of the accuracy matrix. The row of
-scores before training is measured at the start of ``fit``, once: a resumed run keeps the rows it
-checkpointed, and a run resumed exactly at a stage boundary measures the row whose validation Lightning
-skips on such a restart. At the end of ``fit`` the report is written to ``<default_root_dir>/report`` and the
-model with its tokenizer to ``<default_root_dir>/model`` (:func:`~hft_lightning.export.save_model`).
+with that ability's scorer; the scores of the last validation are kept in :attr:`HFTModule.validation_scores`.
+The module is the model, its loss, generation and these scores: the accuracy matrix, the row before training,
+the report and the exported model belong to :class:`~hft_lightning.callbacks.Report`.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -34,18 +29,16 @@ from transformers import (
 )
 from typing_extensions import override
 
-from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.packing import pack_batch
 from hft_lightning.data.sft import IGNORE_INDEX, trained_tokens
 from hft_lightning.errors import ConfigError
 from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
-from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
-from hft_lightning.report import write_report
+from hft_lightning.plan import NO_PLAN, Plan
 from hft_lightning.schedule import StageSchedule
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 """Layout of what the module and the callbacks keep in a checkpoint: raise it whenever a state's layout changes."""
 
 
@@ -147,7 +140,12 @@ class HFTModule(pl.LightningModule):
         self.model = model if lora is None else lora.wrap(model)
         self.ability_names: list[str] = []
         self.ability_scores = nn.ModuleDict()
-        self.accuracy_matrix: AccuracyMatrix | None = None
+        self.validation_scores: torch.Tensor | None = None
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Follows ``plan`` (pushed by the curriculum): the learning-rate schedule restarts at each of its stages."""
+        self.plan = plan
 
     @override
     def setup(self, stage: str) -> None:
@@ -156,9 +154,6 @@ class HFTModule(pl.LightningModule):
         # An ability with no scorer (validation loss only) is left out of the scores and the accuracy matrix.
         scored = [a for a in datamodule.abilities if a.scorer is not None]
         self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in scored})
-        curriculum = Curriculum.of(self.trainer)
-        learned_at = [curriculum.learned_at(a.name) for a in scored]
-        self.accuracy_matrix = AccuracyMatrix([a.name for a in scored], len(curriculum.stages), learned_at)
 
     def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects).
@@ -203,7 +198,8 @@ class HFTModule(pl.LightningModule):
             causal_lm.generation_config = checkpoint_config
         return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
 
-    def _score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+    def score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        """Generates responses to a validation batch of ability ``dataloader_idx`` and scores them."""
         name = self.ability_names[dataloader_idx]
         if name not in self.ability_scores:  # no scorer: followed through its validation loss only
             return
@@ -215,7 +211,7 @@ class HFTModule(pl.LightningModule):
         loss = self.sft_loss(batch)
         tokens = int(trained_tokens(batch["labels"]))  # weights the mean: the epoch's loss is per response token
         self.log(f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=tokens, sync_dist=True)
-        self._score_batch(batch, dataloader_idx)
+        self.score_batch(batch, dataloader_idx)
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -225,8 +221,11 @@ class HFTModule(pl.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluation_step("test", batch, dataloader_idx)
 
-    def _compute_scores(self) -> torch.Tensor:
-        """Scores of every scored ability, shape ``[num_scored]``; resets the per-ability metrics."""
+    def compute_scores(self) -> torch.Tensor:
+        """Scores of every scored ability, shape ``[num_scored]``, in the order of :attr:`ability_scores`.
+
+        Resets the per-ability metrics; a collective under DDP.
+        """
         scores = torch.stack([metric.compute() for metric in self.ability_scores.values()])
         for metric in self.ability_scores.values():
             metric.reset()
@@ -238,76 +237,20 @@ class HFTModule(pl.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        scores = self._compute_scores()
-        self._log_scores("val", scores)
-        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
-            return
-        self.accuracy_matrix.update(self.trainer.current_epoch + 1, scores)
-        derived = self.accuracy_matrix.compute()
-        self.log("cl/average_accuracy", derived["average_accuracy"], sync_dist=True)
-        self.log("cl/bwt", derived["bwt"], sync_dist=True)
-        self.log("cl/fwt", derived["fwt"], sync_dist=True)
+        self.validation_scores = self.compute_scores()
+        self._log_scores("val", self.validation_scores)
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_scores("test", self._compute_scores())
+        self._log_scores("test", self.compute_scores())
 
-    @override
-    def on_fit_start(self) -> None:
-        # A curriculum whose planner measures the model orders its stages in its own on_fit_start, which Lightning
-        # runs before this hook and after setup(): the stage that first trains each ability is known only now.
-        curriculum = Curriculum.of(self.trainer)
-        self.accuracy_matrix.learned_at = tuple(curriculum.learned_at(name) for name in self.accuracy_matrix.abilities)
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Saves the fine-tuned model and its tokenizer with transformers' ``save_pretrained``.
 
-    @override
-    def on_train_start(self) -> None:
-        # Rows measurable now: "before" at step 0, and after a resume exactly at a stage boundary, the row of the
-        # stage that just ended (Lightning does not rerun an epoch-end validation a checkpoint was taken before).
-        curriculum = Curriculum.of(self.trainer)
-        step = self.trainer.global_step
-        rows = [
-            row
-            for row in range(len(curriculum.stages) + 1)
-            if curriculum.steps_before(row) == step and torch.isnan(self.accuracy_matrix.matrix[row]).all()
-        ]
-        if not rows:
-            return
-        self.model.eval()
-        for dataloader_idx, loader in enumerate(self.trainer.val_dataloaders):
-            for batch in itertools.islice(loader, self.trainer.num_val_batches[dataloader_idx]):
-                self._score_batch(self.transfer_batch_to_device(batch, self.device, dataloader_idx), dataloader_idx)
-        self.model.train()
-        scores = self._compute_scores()
-        for row in rows:
-            self.accuracy_matrix.update(row, scores)
-        if self.logger is not None:
-            named = zip(self.ability_scores, scores.tolist(), strict=True)
-            self.logger.log_metrics({f"val/{name}/score": score for name, score in named}, step=step)
-
-    @override
-    def on_fit_end(self) -> None:
-        derived = self.accuracy_matrix.compute()  # a collective under DDP (a row recorded since the last compute)
-        if not self.trainer.is_global_zero:
-            return
-        curriculum = Curriculum.of(self.trainer)
-        report = write_report(
-            Path(self.trainer.default_root_dir) / "report",
-            abilities=self.ability_names,
-            stages=curriculum.plan(),
-            before=self._by_ability(self.accuracy_matrix.before),
-            accuracy_matrix=[self._by_ability(row) for row in self.accuracy_matrix.stage_rows],
-            derived={
-                "average_accuracy": derived["average_accuracy"].item(),
-                "forgetting": dict(zip(self.ability_names, self._by_ability(derived["forgetting"]), strict=True)),
-                "bwt": derived["bwt"].item(),
-                "fwt": derived["fwt"].item(),
-            },
-            planning=curriculum.explanation(),
-        )
-        rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
-        root = Path(self.trainer.default_root_dir)
-        saved = save_model(root / "model", self.model, self.tokenizer, self.lora, self.name_or_path)
-        rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
+        Returns:
+            The folder (:func:`~hft_lightning.export.save_model`).
+        """
+        return save_model(Path(directory), self.model, self.tokenizer, self.lora, self.name_or_path)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -319,17 +262,14 @@ class HFTModule(pl.LightningModule):
         # callback meets keys it does not know.
         if self._trainer is not None and self.trainer.state.fn == "fit":
             check_checkpoint_format(checkpoint)
-        # setup() builds the accuracy matrix once a trainer brings the curriculum. A module loaded without one
-        # (HFTModule.load_from_checkpoint) has no matrix to restore: its rows stay in the checkpoint file.
-        if self.accuracy_matrix is None:
-            state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
+        # Format 1 kept the accuracy matrix in the module's state (now the Report callback's): weights still load.
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
 
-    def _by_ability(self, scores: torch.Tensor) -> list[float]:
-        """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
-        # reshape: torchmetrics squeezes a one-element result of compute() to 0-dim
-        scored = dict(zip(self.accuracy_matrix.abilities, scores.reshape(-1).tolist(), strict=True))
-        return [scored.get(name, math.nan) for name in self.ability_names]
+    def _plan(self) -> Plan:
+        if self.plan is None:
+            raise ConfigError(f"HFTModule {NO_PLAN}")
+        return self.plan
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
@@ -337,8 +277,7 @@ class HFTModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
-        stage_steps = [stage.steps for stage in Curriculum.of(self.trainer).stages]
-        schedule = StageSchedule(stage_steps, self.hparams.warmup_steps)
+        schedule = StageSchedule(self._plan().stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from hft_lightning.curriculum import Curriculum
+from hft_lightning.plan import Plan
 
 
 class StageProgressBar(TQDMProgressBar):
-    """Shows ``Stage 2/4 code`` where Lightning shows ``Epoch 1``."""
+    """Shows ``Stage 2/4 code`` where Lightning shows ``Epoch 1``; the curriculum pushes the plan it names."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Names the stages of ``plan``."""
+        self.plan = plan
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -23,7 +33,8 @@ class StageProgressBar(TQDMProgressBar):
         self._describe(trainer)  # Lightning skips on_train_epoch_start in the epoch a run resumes in
 
     def _describe(self, trainer: pl.Trainer) -> None:
-        curriculum = Curriculum.of(trainer)
-        self.train_progress_bar.set_description(
-            f"Stage {curriculum.stage_index + 1}/{len(curriculum.stages)} {curriculum.current_stage.name}"
-        )
+        if self.plan is None:
+            return
+        index = self.plan.stage_index(trainer.current_epoch)
+        stage = self.plan.stages[index]
+        self.train_progress_bar.set_description(f"Stage {index + 1}/{len(self.plan.stages)} {stage.name}")

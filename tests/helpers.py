@@ -7,6 +7,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import HFTModule, StagedDataModule
+from hft_lightning.callbacks import Report
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_new_tokens": 12}
 TINY_DATA = {"num_train": 64, "num_val": 6, "batch_size": 4, "val_batch_size": 6, "vocab_size": 400}
@@ -21,7 +22,12 @@ def tiny_module(data: StagedDataModule, **overrides) -> HFTModule:
 
 
 def make_trainer(root, callbacks, **overrides) -> Trainer:
-    """A quiet, deterministic CPU trainer; it checkpoints only through a ``ModelCheckpoint`` among ``callbacks``."""
+    """A quiet, deterministic CPU trainer; it checkpoints only through a ``ModelCheckpoint`` among ``callbacks``.
+
+    As the command line does, it adds a :class:`Report` after ``callbacks`` when they hold none.
+    """
+    if not any(isinstance(c, Report) for c in callbacks):
+        callbacks = [*callbacks, Report()]
     options = {
         "default_root_dir": root,
         "accelerator": "cpu",

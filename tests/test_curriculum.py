@@ -5,8 +5,9 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from hft_lightning import Curriculum, HFTModule, Stage
+from hft_lightning import Curriculum, HFTModule, Report, Stage
 from hft_lightning.errors import ConfigError
+from hft_lightning.module import CHECKPOINT_FORMAT
 from hft_lightning.planners import Decision, Planner, Prerequisites
 from tests.helpers import make_trainer, tiny_module
 
@@ -25,10 +26,10 @@ class Recorder(Callback):
         self.events = []
         self.prompts = {}
 
-    def on_stage_start(self, trainer, pl_module, stage):
+    def on_stage_start(self, trainer, pl_module, stage, index):
         self.events.append(("start", stage.name, trainer.global_step))
 
-    def on_stage_end(self, trainer, pl_module, stage):
+    def on_stage_end(self, trainer, pl_module, stage, index):
         self.events.append(("end", stage.name, trainer.global_step))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -163,16 +164,16 @@ UNEQUAL = [
 def test_a_measured_plan_is_decided_at_fit_start_and_everything_follows_it(tiny_data, tmp_path):
     curriculum = Curriculum(UNEQUAL, planner=ConfigOrderReversed())
     assert not curriculum.planned
-    recorder = Recorder(tiny_data.tokenizer)
-    trainer = make_trainer(tmp_path, [curriculum, recorder])
+    recorder, report = Recorder(tiny_data.tokenizer), Report()
+    trainer = make_trainer(tmp_path, [curriculum, recorder, report])
     module = tiny_module(tiny_data)
     trainer.fit(module, datamodule=tiny_data)
-    assert [s.name for s in curriculum.stages] == ["warmup", "code", "math"] and curriculum.planner.calls == 1
+    assert [s.name for s in curriculum.plan.stages] == ["warmup", "code", "math"] and curriculum.planner.calls == 1
     assert [e for e in recorder.events if e[0] == "start"] == [("start", "warmup", 0), ("start", "code", 2),
                                                                 ("start", "math", 5)]  # fmt: skip
     assert all("Write a Python function" in text for text in recorder.prompts["code"])
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].starts == [0, 2, 5, 6]  # the planned lengths
-    assert module.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
+    assert report.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
 
     plan = json.loads((tmp_path / "report" / "plan.json").read_text())
     assert plan["planner"] == "ConfigOrderReversed" and plan["configured_order"] == ["warmup", "math", "code"]
@@ -199,7 +200,7 @@ def test_a_resumed_run_keeps_the_checkpoints_plan_without_measuring_again(tiny_d
     uninterrupted, planned = fit(tmp_path / "a", checkpoint=checkpoint)
     resumed, restored = fit(tmp_path / "b", ckpt_path=str(next((tmp_path / "ckpt").glob("*step=3.ckpt"))))
     assert restored.planner.calls == 0 and restored.planned
-    assert restored.stages == planned.stages and restored.explanation() == planned.explanation()
+    assert restored.plan == planned.plan
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, equal_nan=True, msg=name)
 
@@ -222,9 +223,9 @@ def test_a_restored_plan_wins_over_another_planner_or_settings_in_the_config(con
     curriculum = Curriculum(stages, planner=configured)
     with pytest.warns(UserWarning, match=warning) if warning else warnings.catch_warnings(action="error"):
         curriculum.load_state_dict(saved)
-    assert [s.name for s in curriculum.stages] == ["code", "math"]
-    assert curriculum.explanation()["planner"] == "Prerequisites" and curriculum.plan()[1]["why"] == "builds on code"
-    assert curriculum.explanation()["settings"] == {"prerequisites": {"math": ["code"]}}
+    assert [s.name for s in curriculum.plan.stages] == ["code", "math"]
+    assert curriculum.plan.planner == "Prerequisites" and curriculum.plan.why[1] == "builds on code"
+    assert curriculum.plan.settings == {"prerequisites": {"math": ["code"]}}
 
 
 def test_a_checkpoint_in_another_state_format_is_refused_before_any_state_is_restored(tiny_data, tmp_path):
@@ -232,7 +233,7 @@ def test_a_checkpoint_in_another_state_format_is_refused_before_any_state_is_res
     _fit(tiny_data, tmp_path / "a", checkpoint=checkpoint)
     path = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
     state = torch.load(path, weights_only=True)
-    assert state["hft_lightning_format"] == 1
+    assert state["hft_lightning_format"] == CHECKPOINT_FORMAT
     del state["hft_lightning_format"]  # as written before formats were numbered
     torch.save(state, tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match=r"ckpt_path: the checkpoint holds hft_lightning state in format None"):

@@ -1,4 +1,4 @@
-"""The embedded default run, end to end: the claims the README makes about it."""
+"""The embedded default run, end to end: the claims the README and benchmarks/README.md make about it."""
 
 import json
 import os

@@ -9,18 +9,21 @@ import torch
 
 import hft_lightning.report as report_module
 from hft_lightning.metrics import AccuracyMatrix
-from hft_lightning.report import write_report
+from hft_lightning.plan import Plan, Stage
+from hft_lightning.report import Results, write_plan, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = {"metrics.json", "accuracy_matrix.png", "ability_curves.png", "summary.md"}
 
 ABILITIES = ["math", "code", "general"]
-STAGES = [
-    {"name": "math", "mixture": {"math": 1.0}, "steps": 30},
-    {"name": "code", "mixture": {"code": 1.0}, "steps": 40},
-    {"name": "general", "mixture": {"general": 1.0}, "steps": 50},
-    {"name": "unified", "mixture": {"math": 0.5, "code": 0.25, "general": 0.25}, "steps": 20},
-]
+STAGES = (
+    Stage("math", 30, {"math": 1.0}),
+    Stage("code", 40, {"code": 1.0}),
+    Stage("general", 50, {"general": 1.0}),
+    Stage("unified", 20, {"math": 0.5, "code": 0.25, "general": 0.25}),
+)
+WHY = ("configured order", "configured order", "configured order", "mixture: keeps its configured position")
+PLAN = Plan(STAGES, WHY, "Explicit", {"reverse": False}, tuple(s.name for s in STAGES))
 BEFORE = [0.0, 0.125, 0.25]
 MATRIX = [[0.875, 0.25, 0.25], [0.5, 0.75, 0.375], [0.25, 0.5, 0.875], [0.75, 0.625, 0.8125]]
 DERIVED = {
@@ -31,16 +34,9 @@ DERIVED = {
 }
 
 
-def write(directory, **overrides):
-    arguments = {
-        "abilities": ABILITIES,
-        "stages": STAGES,
-        "before": BEFORE,
-        "accuracy_matrix": MATRIX,
-        "derived": DERIVED,
-        **overrides,
-    }
-    return write_report(directory, **arguments)
+def write(directory, plan=PLAN, **overrides):
+    results = {"abilities": ABILITIES, "before": BEFORE, "accuracy_matrix": MATRIX, **DERIVED, **overrides}
+    return write_report(directory, plan, Results(**results))
 
 
 def load_metrics(directory: Path) -> dict:
@@ -67,7 +63,10 @@ def test_metrics_json_holds_exactly_the_contract(tmp_path):
         "forgetting": DERIVED["forgetting"],
         "bwt": DERIVED["bwt"],
         "fwt": DERIVED["fwt"],
-        "plan": [{"name": s["name"], "mixture": s["mixture"], "steps": s["steps"]} for s in STAGES],
+        "plan": [
+            {"name": s.name, "mixture": s.mixture, "steps": s.steps, "why": why}
+            for s, why in zip(STAGES, WHY, strict=True)
+        ],
     }
 
 
@@ -86,8 +85,9 @@ def test_images_are_valid_pngs(tmp_path, name):
 def test_summary_has_plan_matrix_derived_numbers_and_images(tmp_path):
     summary = (write(tmp_path) / "summary.md").read_text()
     assert summary.startswith("# ")
-    assert "| unified | math 0.5, code 0.25, general 0.25 | 20 |" in summary
-    assert "| math | math 1 | 30 |" in summary
+    assert "| unified | math 0.5, code 0.25, general 0.25 | 20 | mixture: keeps its configured position |" in summary
+    assert "| math | math 1 | 30 | configured order |" in summary
+    assert "Order decided by the **Explicit** planner:" in summary and "affinity.png" not in summary
     assert "| after | math | code | general |" in summary
     assert "| before | 0.000 | 0.125 | 0.250 |" in summary
     assert "| math | 0.875 | 0.250 | 0.250 |" in summary
@@ -104,9 +104,10 @@ def test_summary_has_plan_matrix_derived_numbers_and_images(tmp_path):
 def test_nan_and_none_become_null_and_n_a(tmp_path):
     directory = write(
         tmp_path,
-        before=[math.nan, None, 0.25],
+        before=[math.nan, math.nan, 0.25],
         accuracy_matrix=[MATRIX[0], [math.nan] * 3, *MATRIX[2:]],
-        derived={**DERIVED, "bwt": math.nan, "forgetting": {**DERIVED["forgetting"], "code": float("nan")}},
+        bwt=math.nan,
+        forgetting={**DERIVED["forgetting"], "code": math.nan},
     )
     metrics = load_metrics(directory)
     assert metrics["before"] == [None, None, 0.25]
@@ -126,14 +127,16 @@ def test_accepts_the_values_of_accuracy_matrix(tmp_path):
     for i, row in enumerate(MATRIX):
         metric.update(i + 1, torch.tensor(row))
     result = metric.compute()
-    derived = {
-        "average_accuracy": result["average_accuracy"],
-        "forgetting": dict(zip(ABILITIES, result["forgetting"], strict=True)),
-        "bwt": result["bwt"],
-        "fwt": result["fwt"],
-    }
     metrics = load_metrics(
-        write(tmp_path, before=metric.before.tolist(), accuracy_matrix=metric.stage_rows.tolist(), derived=derived)
+        write(
+            tmp_path,
+            before=metric.before.tolist(),
+            accuracy_matrix=metric.stage_rows.tolist(),
+            average_accuracy=result["average_accuracy"].item(),
+            forgetting=dict(zip(ABILITIES, result["forgetting"].tolist(), strict=True)),
+            bwt=result["bwt"].item(),
+            fwt=result["fwt"].item(),
+        )
     )
     assert metrics["accuracy_matrix"] == MATRIX  # multiples of 1/16 are exact in fp32
     for key in ("average_accuracy", "bwt", "fwt"):
@@ -181,38 +184,29 @@ def test_leaves_pyplot_state_alone(tmp_path):
     import matplotlib.pyplot as plt
 
     backend, figures = matplotlib.get_backend(), plt.get_fignums()
-    write_report(
-        tmp_path, ["a"], [{"name": "s", "mixture": {"a": 1}, "steps": 1}], [0.0], [[1.0]],
-        {"average_accuracy": 1.0, "forgetting": {"a": 0.0}, "bwt": 0.0, "fwt": 0.0},
-    )  # fmt: skip
+    write(tmp_path)
+    write_plan(tmp_path, AFFINITY_PLAN)
     assert matplotlib.get_backend() == backend
     assert plt.get_fignums() == figures
     assert (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize(
-    ("overrides", "match"),
-    [
-        ({"abilities": []}, "abilities"),
-        ({"abilities": ["math", "math", "code"]}, "abilities must be unique"),
-        ({"stages": []}, "stages"),
-        ({"stages": [{"name": "math", "steps": 1}, *STAGES[1:]]}, r"stages\[0\] must be a mapping with keys"),
-        ({"stages": [{**STAGES[0], "name": ""}, *STAGES[1:]]}, r"stages\[0\]\['name'\]"),
-        ({"stages": [*STAGES[:3], {**STAGES[3], "mixture": {"poetry": 1.0}}]}, r"stages\[3\]\['mixture'\].*poetry"),
-        ({"stages": [*STAGES[:3], {**STAGES[3], "mixture": {"math": "half"}}]}, r"stages\[3\]\['mixture'\] weights"),
-        ({"stages": [*STAGES[:3], {**STAGES[3], "steps": 2.5}]}, r"stages\[3\]\['steps'\]"),
-        ({"before": [0.0, 0.0]}, r"before must have one score per ability \(3"),
-        ({"before": [0.0, 1.5, 0.0]}, r"before scores must lie in \[0, 1\]"),
-        ({"accuracy_matrix": MATRIX[:3]}, r"accuracy_matrix must have one row per stage \(4"),
-        ({"accuracy_matrix": [*MATRIX[:3], [0.1, 0.2]]}, r"accuracy_matrix\[3\] must have one score per ability"),
-        ({"accuracy_matrix": [*MATRIX[:3], [0.1, -0.2, 0.3]]}, r"accuracy_matrix\[3\] scores must lie in \[0, 1\]"),
-        ({"derived": {"average_accuracy": 0.5, "forgetting": DERIVED["forgetting"]}}, r"derived is missing \['bwt'"),
-        ({"derived": {**DERIVED, "forgetting": {"math": 0.1}}}, r"derived\['forgetting'\] must map each ability"),
-        ({"derived": {**DERIVED, "bwt": math.inf}}, r"derived\['bwt'\] must be a finite number"),
-    ],
+AFFINITY_PLAN = Plan(
+    STAGES,
+    WHY,
+    "Affinity",
+    {"examples": 4},
+    tuple(s.name for s in STAGES),
+    measurements={"affinity": {"abilities": ABILITIES, "matrix": [[1, 0.5, -0.25], [0.5, 1, 0], [-0.25, 0, 1]]}},
+    probe={"examples": 12, "seconds": 0.5},
 )
-def test_invalid_arguments_raise_before_writing(tmp_path, overrides, match):
-    directory = tmp_path / "report"
-    with pytest.raises(ValueError, match=match):
-        write(directory, **overrides)
-    assert not directory.exists()
+
+
+def test_the_plan_is_saved_with_its_affinity_heatmap_and_summarised(tmp_path):
+    assert json.loads(write_plan(tmp_path, AFFINITY_PLAN).read_text()) == AFFINITY_PLAN.to_dict()
+    assert (tmp_path / "affinity.png").read_bytes()[:8] == PNG_MAGIC
+    summary = (write(tmp_path, plan=AFFINITY_PLAN) / "summary.md").read_text()
+    assert "**Affinity** planner (probe: 12 examples, 0.50 s)" in summary
+    assert "![Gradient affinity](affinity.png)" in summary
+    write_plan(tmp_path, PLAN)  # a plan without affinity removes the stale heatmap
+    assert not (tmp_path / "affinity.png").exists()

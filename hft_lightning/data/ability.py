@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 from hft_lightning.data.example import Example
 from hft_lightning.errors import ConfigError
-
-Scorer = Callable[[Sequence[str], Sequence[Example]], list[bool]]
-"""Judges a batch of generations: ``scorer(predictions, examples)[i]`` is True when prediction i is correct."""
+from hft_lightning.scoring import Scorer
 
 Generator = Callable[[random.Random], Example]
 """Draws one example from a seeded random source."""

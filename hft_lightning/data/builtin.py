@@ -1,43 +1,69 @@
-"""The built-in abilities, generated from a seed with no download.
+"""The built-in abilities, generated from a seed with no download: sources of the same kind as user files.
 
-``builtin:math``, ``builtin:code`` and ``builtin:general``: see their modules for what each contains.
+``builtin:math``, ``builtin:code`` and ``builtin:general`` (see their modules for what each contains) are parsed into
+a :class:`BuiltinSource`, which loads an :class:`~hft_lightning.data.ability.Ability` the way a file
+:class:`~hft_lightning.data.source.AbilitySource` does, scored by a scorer of the same registry
+(:func:`hft_lightning.scoring.build_scorer`).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from hft_lightning.data import builtin_code, builtin_general, builtin_math
-from hft_lightning.data.ability import Ability, Generator, Scorer, split_generated
+from hft_lightning.data.ability import Ability, Generator, split_generated
 from hft_lightning.errors import ConfigError
+from hft_lightning.scoring import ScorerName, build_scorer
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_ABILITIES: dict[str, tuple[Generator, Scorer]] = {
-    "math": (builtin_math.generate, builtin_math.score),
-    "code": (builtin_code.generate, builtin_code.score),
-    "general": (builtin_general.generate, builtin_general.score),
+BUILTIN_ABILITIES: dict[str, tuple[Generator, ScorerName, re.Pattern[str] | None]] = {
+    "math": (builtin_math.generate, "exact_match", builtin_math.ANSWER_PATTERN),
+    "code": (builtin_code.generate, "code_exec", None),
+    "general": (builtin_general.generate, "instructions", None),
 }
+"""Name -> the generator, the scorer and its answer pattern."""
 
 
-def load_ability(source: str, num_train: int, num_val: int, seed: int) -> Ability:
-    """Builds an ability from its source string.
+@dataclass(frozen=True)
+class BuiltinSource:
+    """A built-in ability, named after the part of ``builtin:<name>`` after the prefix.
 
-    Args:
-        source: ``builtin:<name>`` with ``<name>`` one of :data:`BUILTIN_ABILITIES`.
-        num_train: Number of training examples.
-        num_val: Number of validation examples.
-        seed: Generation seed; each ability offsets it by its index among the built-in names, so abilities draw
-            independently.
+    Example::
 
-    Returns:
-        The ability, named after ``<name>``.
-
-    Raises:
-        ConfigError: If the source is not a known built-in ability.
+        BuiltinSource.parse("builtin:math").load(num_train=100, num_val=10, seed=0).name  # 'math'
     """
-    name = source.removeprefix(BUILTIN_PREFIX)
-    if not source.startswith(BUILTIN_PREFIX) or name not in BUILTIN_ABILITIES:
-        allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_ABILITIES)
-        raise ConfigError(f"data.abilities: unknown ability source {source!r}; allowed: {allowed}")
-    generate, scorer = BUILTIN_ABILITIES[name]
-    ability_seed = seed * 1000 + sorted(BUILTIN_ABILITIES).index(name)
-    train, val = split_generated(name, generate, num_train, num_val, ability_seed)
-    return Ability(name=name, train=train, val=val, scorer=scorer)
+
+    name: str
+
+    @classmethod
+    def parse(cls, source: str) -> BuiltinSource:
+        """The source named by ``builtin:<name>``.
+
+        Raises:
+            ConfigError: If ``source`` is not a known built-in ability, listing the allowed ones.
+        """
+        name = source.removeprefix(BUILTIN_PREFIX)
+        if not source.startswith(BUILTIN_PREFIX) or name not in BUILTIN_ABILITIES:
+            allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_ABILITIES)
+            raise ConfigError(f"data.abilities: unknown ability source {source!r}; allowed: {allowed}")
+        return cls(name)
+
+    def load(self, num_train: int | None, num_val: int, seed: int) -> Ability:
+        """Generates the ability's splits.
+
+        Args:
+            num_train: Training examples to generate (``None``: :data:`DEFAULT_NUM_TRAIN`).
+            num_val: Validation examples to generate.
+            seed: Generation seed; each ability offsets it by its index among the built-in names, so abilities
+                draw independently.
+        """
+        generate, scorer, pattern = BUILTIN_ABILITIES[self.name]
+        ability_seed = seed * 1000 + sorted(BUILTIN_ABILITIES).index(self.name)
+        count = DEFAULT_NUM_TRAIN if num_train is None else num_train
+        train, val = split_generated(self.name, generate, count, num_val, ability_seed)
+        return Ability(name=self.name, train=train, val=val, scorer=build_scorer(scorer, pattern))
+
+
+DEFAULT_NUM_TRAIN = 4000
+"""Training examples generated per built-in ability when ``data.num_train`` is not set."""

@@ -1,18 +1,17 @@
 """``builtin:code``: small Python functions written from a one-line specification.
 
 Each example names the function and its parameters and states what it returns; the response is the
-function. A generation is correct when it passes the example's unit tests, executed in the sandbox
-(:mod:`hft_lightning.sandbox`), never in the training process.
+function. A generation is correct when it passes the example's unit tests (``code_exec``: executed in the
+sandbox, :mod:`hft_lightning.sandbox`, never in the training process).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hft_lightning.data.example import Example
-from hft_lightning.sandbox import run_tests
 
 VERBS = ("calc", "get", "make", "find", "compute")
 NOUNS = ("value", "result", "number", "total", "score")
@@ -65,10 +64,3 @@ def generate(rng: random.Random) -> Example:
         call = ", ".join(repr(a) for a in args)
         tests.append(f"assert {name}({call}) == {spec.function(*args)!r}")
     return Example(prompt=prompt, response=response, reference={"tests": tests})
-
-
-def score(predictions: Sequence[str], examples: Sequence[Example]) -> list[bool]:
-    """Runs each generated function against its example's unit tests in one sandboxed subprocess."""
-    if len(predictions) != len(examples):
-        raise ValueError(f"got {len(predictions)} predictions for {len(examples)} examples")
-    return run_tests(list(predictions), [e.reference["tests"] for e in examples])

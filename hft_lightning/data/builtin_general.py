@@ -2,15 +2,13 @@
 
 Each example carries machine-checkable constraints on the response (a word repeated a number of times,
 upper-case letters, a required ordering of words, required words). A generation is correct when it
-satisfies every constraint of its example; nothing is compared against the reference text itself.
+satisfies every constraint of its example (``instructions``); nothing is compared against the reference text.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
-from typing import Any
 
 from hft_lightning.data.example import Example
 
@@ -21,37 +19,6 @@ WORDS = (
 TOPICS = ("the sea", "winter", "music", "a city", "the moon", "friendship", "a journey", "breakfast")
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z]+", text)
-
-
-def _check_repeat(response: str, c: dict[str, Any]) -> bool:
-    return _words(response) == [c["word"]] * c["count"]
-
-
-def _check_uppercase(response: str, c: dict[str, Any]) -> bool:
-    letters = [ch for ch in response if ch.isalpha()]
-    return bool(letters) and all(ch.isupper() for ch in letters)
-
-
-def _check_order(response: str, c: dict[str, Any]) -> bool:
-    return [w.lower() for w in _words(response)] == c["words"]
-
-
-def _check_contains(response: str, c: dict[str, Any]) -> bool:
-    present = {w.lower() for w in _words(response)}
-    return all(w in present for w in c["words"])
-
-
-CHECKS: dict[str, Callable[[str, dict[str, Any]], bool]] = {
-    "repeat": _check_repeat,
-    "uppercase": _check_uppercase,
-    "order": _check_order,
-    "contains": _check_contains,
-}
-"""Constraint type -> check(response, constraint)."""
-
-
 def generate(rng: random.Random) -> Example:
     """Draws one instruction with its constraints.
 
@@ -59,7 +26,8 @@ def generate(rng: random.Random) -> Example:
         rng: Seeded random source.
 
     Returns:
-        An example whose reference is ``{"constraints": [{"type": <CHECKS key>, ...}, ...]}``.
+        An example whose reference is ``{"constraints": [{"type": ..., ...}, ...]}`` (types:
+        :data:`hft_lightning.scoring.scorers.CHECKS`).
     """
     kind = rng.choice(("repeat", "repeat_upper", "reverse", "contains"))
     if kind in ("repeat", "repeat_upper"):
@@ -81,14 +49,6 @@ def generate(rng: random.Random) -> Example:
         topic, word = rng.choice(TOPICS), rng.choice(WORDS)
         prompt = f"Write one sentence about {topic} that uses the word {word}."
         response = f"When I think of {topic}, I picture a {word}."
-        topic_words = [w for w in _words(topic) if w not in ("a", "the")]
+        topic_words = [w for w in re.findall(r"[A-Za-z]+", topic) if w not in ("a", "the")]
         constraints = [{"type": "contains", "words": [*topic_words, word]}]
     return Example(prompt=prompt, response=response, reference={"constraints": constraints})
-
-
-def score(predictions: Sequence[str], examples: Sequence[Example]) -> list[bool]:
-    """True where a prediction satisfies every constraint of its example."""
-    return [
-        all(CHECKS[c["type"]](p, c) for c in e.reference["constraints"])
-        for p, e in zip(predictions, examples, strict=True)
-    ]

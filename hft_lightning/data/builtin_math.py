@@ -2,14 +2,14 @@
 
 Problems use small operands (addition, subtraction with a non-negative result, multiplication),
 wrapped in a few story templates. The response shows the computation, then ``Answer: <n>``; a generation
-is correct when the integer on its last ``Answer:`` line equals the reference (exact match, GSM8K style).
+is correct when the number on its last ``Answer:`` line equals the reference (``exact_match`` with
+:data:`ANSWER_PATTERN`, GSM8K style).
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
 
 from hft_lightning.data.example import Example
 
@@ -36,7 +36,8 @@ MAX_OPERAND = 5
 """Operands are drawn from 1..MAX_OPERAND: about 75 arithmetic facts, which a few-million-parameter model
 memorises within one stage (with 1..9, 240 facts, it reached 0.5 exact match after 800 steps)."""
 
-_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+ANSWER_PATTERN = re.compile(r"Answer:\s*(-?\d+)")
+"""The final answer: the first group of the pattern's last match."""
 
 
 def generate(rng: random.Random) -> Example:
@@ -46,7 +47,7 @@ def generate(rng: random.Random) -> Example:
         rng: Seeded random source.
 
     Returns:
-        An example whose reference is ``{"answer": <int>}``.
+        An example whose reference is ``{"answer": "<n>"}``.
     """
     op = rng.choice(tuple(_TEMPLATES))
     a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
@@ -56,15 +57,4 @@ def generate(rng: random.Random) -> Example:
     template = rng.choice(_TEMPLATES[op])
     prompt = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
     response = f"{a} {op} {b} = {result}\nAnswer: {result}"
-    return Example(prompt=prompt, response=response, reference={"answer": result})
-
-
-def extract_answer(text: str) -> int | None:
-    """Returns the integer on the last ``Answer:`` line of ``text``, or None if there is none."""
-    matches = _ANSWER.findall(text)
-    return int(matches[-1]) if matches else None
-
-
-def score(predictions: Sequence[str], examples: Sequence[Example]) -> list[bool]:
-    """Exact match of the extracted final answer against each example's reference answer."""
-    return [extract_answer(p) == e.reference["answer"] for p, e in zip(predictions, examples, strict=True)]
+    return Example(prompt=prompt, response=response, reference={"answer": str(result)})

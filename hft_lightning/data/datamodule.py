@@ -3,9 +3,10 @@
 The tokenizer is the pretrained model's own when ``tokenizer_name_or_path`` is set (the CLI links it from
 ``model.name_or_path``, so the user names the model once), and a BPE tokenizer trained on the abilities otherwise.
 
-Training sees one stage at a time: :meth:`StagedDataModule.train_dataloader` is called again at every
-epoch (one epoch per stage) and samples from the current stage's mixture. Validation always covers every
-ability, one dataloader per ability in declaration order, whatever stage is training.
+Training sees one stage at a time: the curriculum pushes its :class:`~hft_lightning.plan.Plan` here
+(:meth:`StagedDataModule.set_plan`), and :meth:`StagedDataModule.train_dataloader`, called again at every epoch (one
+epoch per stage), samples from the mixture of the epoch's stage. Validation always covers every ability, one
+dataloader per ability in declaration order, whatever stage is training.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.ability import Ability
-from hft_lightning.data.builtin import load_ability
+from hft_lightning.data.builtin import BuiltinSource
 from hft_lightning.data.sampler import StageBatchSampler
 from hft_lightning.data.sft import SFTCollator, SFTDataset
 from hft_lightning.data.source import AbilitySource
 from hft_lightning.data.tokenizer import build_tokenizer, load_tokenizer
 from hft_lightning.errors import ConfigError
+from hft_lightning.plan import NO_PLAN, Plan
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
 MIN_VOCAB_SIZE = 261
@@ -43,7 +44,8 @@ class StagedDataModule(pl.LightningDataModule):
             locally and named after the part after ``builtin:`` (used in stage mixtures); an
             :class:`~hft_lightning.data.source.AbilitySource` reads the user's JSONL or parquet files. At least one
             ability must have a scorer.
-        num_train: Training examples generated per built-in ability (a file ability trains on all its records).
+        num_train: Training examples per ability: generated for a built-in one (``None``: 4000), the first
+            ``num_train`` records of a file one (``None``: all of them).
         num_val: Validation examples per ability (disjoint from training), scored at every validation.
         batch_size: Training batch size.
         val_batch_size: Validation (generation) batch size.
@@ -65,7 +67,7 @@ class StagedDataModule(pl.LightningDataModule):
     def __init__(
         self,
         abilities: Sequence[str | AbilitySource] = DEFAULT_ABILITIES,
-        num_train: int = 4000,
+        num_train: int | None = None,
         num_val: int = 100,
         batch_size: int = 32,
         val_batch_size: int = 100,
@@ -75,9 +77,9 @@ class StagedDataModule(pl.LightningDataModule):
         max_length: int | None = None,
     ):
         super().__init__()
-        for name, value in {"num_train": num_train, "num_val": num_val, "batch_size": batch_size,
-                            "val_batch_size": val_batch_size}.items():  # fmt: skip
-            if value <= 0:
+        counts = dict(num_train=num_train, num_val=num_val, batch_size=batch_size, val_batch_size=val_batch_size)
+        for name, value in counts.items():
+            if value is not None and value <= 0:  # num_train None: each source's own default
                 raise ConfigError(f"data.{name} must be positive, got {value}")
         if vocab_size < MIN_VOCAB_SIZE:
             raise ConfigError(
@@ -87,10 +89,8 @@ class StagedDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.max_length must be positive, got {max_length}")
         if not abilities:
             raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
-        self.abilities: list[Ability] = [
-            s.load(num_val) if isinstance(s, AbilitySource) else load_ability(s, num_train, num_val, seed)
-            for s in abilities
-        ]
+        sources = [BuiltinSource.parse(s) if isinstance(s, str) else s for s in abilities]
+        self.abilities: list[Ability] = [s.load(num_train, num_val, seed) for s in sources]
         names = self.ability_names
         if len(set(names)) != len(names):
             raise ConfigError(f"data.abilities: ability names must be unique, got {names}")
@@ -109,6 +109,16 @@ class StagedDataModule(pl.LightningDataModule):
         self._collate = SFTCollator(self.tokenizer.pad_token_id)
         self._train_sets = [self._dataset(a, "train") for a in self.abilities]
         self._val_sets = [self._dataset(a, "val") for a in self.abilities]
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Trains the stages of ``plan`` (pushed by the curriculum)."""
+        self.plan = plan
+
+    def _stages(self) -> Plan:
+        if self.plan is None:
+            raise ConfigError(f"StagedDataModule {NO_PLAN}")
+        return self.plan
 
     def _dataset(self, ability: Ability, split: str) -> SFTDataset:
         examples = ability.train if split == "train" else ability.val
@@ -122,8 +132,7 @@ class StagedDataModule(pl.LightningDataModule):
 
     def stage_sampler(self, index: int, start_batch: int = 0) -> StageBatchSampler:
         """The deterministic batch order of stage ``index``, starting at batch ``start_batch``."""
-        curriculum = Curriculum.of(self.trainer)
-        stage = curriculum.stages[index]
+        stage = self._stages().stages[index]
         return StageBatchSampler(
             dataset_sizes=[len(a.train) for a in self.abilities],
             weights=[stage.mixture.get(name, 0.0) for name in self.ability_names],
@@ -155,9 +164,9 @@ class StagedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
-        curriculum = Curriculum.of(self.trainer)
-        index = curriculum.stage_index
-        start_batch = (self.trainer.global_step - curriculum.steps_before(index)) * self.trainer.accumulate_grad_batches
+        plan = self._stages()
+        index = plan.stage_index(self.trainer.current_epoch)
+        start_batch = (self.trainer.global_step - plan.steps_before(index)) * self.trainer.accumulate_grad_batches
         dataset = ConcatDataset(self._train_sets)
         return DataLoader(dataset, batch_sampler=self.stage_sampler(index, start_batch), collate_fn=self._collate)
 

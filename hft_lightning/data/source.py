@@ -30,14 +30,16 @@ from typing import Any, Literal, get_args
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from hft_lightning.data.ability import Ability, Scorer, in_validation_bucket
+from hft_lightning.data.ability import Ability, in_validation_bucket
 from hft_lightning.data.example import Example
 from hft_lightning.data.files import DataFile, open_data_files
-from hft_lightning.data.scorers import ExactMatch, ScorerName, code_exec, contains, extract_answer
 from hft_lightning.data.shapes import RecordError, Shape, detect_shape, json_type, to_example
 from hft_lightning.errors import ConfigError
+from hft_lightning.scoring import build_scorer, extract_answer
 
 ShapeName = Literal["auto", "messages", "prompt_response", "alpaca"]
+FileScorerName = Literal["exact_match", "code_exec", "contains", "none"]
+"""The scorers of :func:`hft_lightning.scoring.build_scorer` whose reference a record provides."""
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -69,7 +71,7 @@ class AbilitySource:
 
     name: str
     train: str
-    scorer: ScorerName
+    scorer: FileScorerName
     val: str | None = None
     shape: ShapeName = "auto"
     answer_pattern: str | None = None
@@ -77,11 +79,13 @@ class AbilitySource:
     val_fraction: float = 0.1
     skip_bad_lines: bool = False
 
-    def load(self, num_val: int) -> Ability:
+    def load(self, num_train: int | None, num_val: int, seed: int) -> Ability:
         """Checks every record, splits them, and returns the ability; examples are read from disk on access.
 
         Args:
+            num_train: The most training examples to keep, the first in file order (``None``: all of them).
             num_val: The most validation examples to keep.
+            seed: Unused: the split is a hash of each prompt, the same on every run (the signature of every source).
 
         Raises:
             ConfigError: If a field of this source is invalid, a path is missing, or a record is malformed (naming
@@ -101,13 +105,15 @@ class AbilitySource:
         if not len(val):
             hint = f"; raise val_fraction={self.val_fraction} or give a val file" if self.val is None else ""
             raise ConfigError(f"{field}.val: no validation examples in {self.val or self.train}{hint}")
-        return Ability(name=self.name, train=train, val=val.head(num_val), scorer=self._scorer(pattern))
+        if num_train is not None:
+            train = train.head(num_train)
+        return Ability(name=self.name, train=train, val=val.head(num_val), scorer=build_scorer(self.scorer, pattern))
 
     def _check(self, field: str) -> re.Pattern[str] | None:
         """Validates the fields that do not depend on the data; returns the compiled answer pattern."""
         if not _NAME.fullmatch(self.name):
             raise ConfigError(f"{field}.name must be letters, digits, '_' or '-', got {self.name!r}")
-        for key, value, allowed in (("scorer", self.scorer, ScorerName), ("shape", self.shape, ShapeName)):
+        for key, value, allowed in (("scorer", self.scorer, FileScorerName), ("shape", self.shape, ShapeName)):
             if value not in get_args(allowed):
                 raise ConfigError(f"{field}.{key}: unknown {key} {value!r}; allowed: {', '.join(get_args(allowed))}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -124,15 +130,6 @@ class AbilitySource:
         if pattern.groups < 1:
             raise ConfigError(f"{field}.answer_pattern {self.answer_pattern!r} needs a group around the answer")
         return pattern
-
-    def _scorer(self, pattern: re.Pattern[str] | None) -> Scorer | None:
-        scorers: dict[str, Scorer | None] = {
-            "exact_match": ExactMatch(pattern),
-            "contains": contains,
-            "code_exec": code_exec,
-            "none": None,
-        }
-        return scorers[self.scorer]
 
     def _example(self, record: Any, shape: Shape, pattern: re.Pattern[str] | None) -> Example:
         """Converts one record and attaches what the scorer checks against.

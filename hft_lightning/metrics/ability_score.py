@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-from hft_lightning.data.ability import Scorer
 from hft_lightning.data.example import Example
+from hft_lightning.scoring import Scorer
 
 
 class AbilityScore(Metric):
@@ -22,9 +22,9 @@ class AbilityScore(Metric):
 
     Example::
 
-        from hft_lightning.data import builtin_math
-        metric = AbilityScore(builtin_math.score)
-        metric.update(["2 + 2 = 4\\nAnswer: 4"], [Example("2 + 2?", "", {"answer": 4})])
+        from hft_lightning.scoring import ExactMatch
+        metric = AbilityScore(ExactMatch())
+        metric.update([" 4 "], [Example("2 + 2?", "4", {"answer": "4"})])
         metric.compute()  # tensor(1.)
     """
 

@@ -15,7 +15,7 @@ chain scores within :data:`TIE_TOLERANCE` of each other count as equal, so round
 measurement does not pick between near-equal plans (it still can at the edge of the tolerance; under DDP every
 process follows rank 0's plan whatever it measured). The probe keeps the k gradients (k x the trainable
 parameters in fp32) until the matrix is computed. The matrix is kept on the plan
-(:attr:`hft_lightning.Curriculum.affinity`), for example to scale retention strength by how much two abilities
+(:attr:`hft_lightning.plan.Plan.affinity`), for example to scale retention strength by how much two abilities
 interfere.
 """
 

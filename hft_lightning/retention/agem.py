@@ -23,6 +23,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory, Item
+from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
 
 
@@ -55,7 +56,7 @@ class AGEM(RetentionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.references.restore("AGEM", self.trainable(pl_module))
+        self.references.restore("AGEM", trainable(pl_module))
 
     @override
     def edit_gradients(

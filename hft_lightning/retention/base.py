@@ -3,19 +3,19 @@
 Design (after Lightning's ``BaseFinetuning``): one shallow base with two override points.
 
 - :meth:`RetentionCallback.consolidate` runs when the :class:`~hft_lightning.Curriculum` announces the end of a
-  stage that another stage follows: estimate what the finished stage learned (a Fisher diagonal, anchors,
-  a memory of examples).
+  stage that another stage follows (``on_stage_end(trainer, pl_module, stage, index)``): estimate what the finished
+  stage learned (a Fisher diagonal, anchors, a memory of examples).
 - :meth:`RetentionCallback.edit_gradients` runs in ``on_before_optimizer_step``, where the gradients are
   accumulated over micro-batches and unscaled, and clipping has not run yet: once per optimizer step.
 
-State is keyed by parameter *name*, never by position, so a checkpoint loads into a model whose parameters are
-ordered differently, and a missing or unexpected name is an error that names it (:meth:`match_names`). Only
+State is keyed by parameter *name* (:mod:`~hft_lightning.retention.parameters`). What a method needs from the module
+and the datamodule is written down as protocols (:mod:`~hft_lightning.retention.contracts`), checked in ``setup``.
+The curriculum pushes its :class:`~hft_lightning.plan.Plan` to every retention callback (:meth:`set_plan`). Only
 trainable parameters are protected, so adapters (LoRA) are protected and frozen weights cost nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,8 +25,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 from typing_extensions import override
 
-from hft_lightning.curriculum import Curriculum, Stage
 from hft_lightning.errors import ConfigError
+from hft_lightning.plan import Plan, Stage
+from hft_lightning.retention.contracts import HasLoss, StageData
+from hft_lightning.retention.parameters import trainable
 
 
 class RetentionCallback(Callback):
@@ -42,59 +44,38 @@ class RetentionCallback(Callback):
 
     def __init__(self, **identity: Any):
         self._identity = identity
+        self.plan: Plan | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Follows ``plan`` (pushed by the curriculum): which stage is the last, which stage an epoch trains."""
+        self.plan = plan
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(**self._identity)
 
-    @staticmethod
-    def trainable(pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
-        """The parameters retention protects: every parameter that requires a gradient, by name."""
-        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
-
-    @staticmethod
-    def match_names(what: str, saved: Mapping[str, Any], params: Mapping[str, nn.Parameter]) -> None:
-        """Checks that state saved by parameter name covers exactly the trainable parameters.
-
-        Raises:
-            ConfigError: Naming the missing and the unexpected parameter names.
-        """
-        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        if missing or unexpected:
-            raise ConfigError(
-                f"{what} does not match the model's trainable parameters: missing {missing}, unexpected {unexpected}"
-            )
-
-    @classmethod
-    def on_parameters(
-        cls, what: str, saved: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]
-    ) -> dict[str, torch.Tensor]:
-        """Checks state restored by name with :meth:`match_names` and moves each tensor to its parameter's device.
-
-        Call it in ``on_train_start``, when a checkpoint's state has been loaded and the model is on its device.
-        """
-        cls.match_names(what, saved, params)
-        return {name: tensor.to(params[name].device) for name, tensor in saved.items()}
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(self).__name__
         if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
             raise ConfigError(
-                f"{type(self).__name__} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
+                f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
                 "(its state is not sharded); use a single device or strategy=ddp"
             )
+        if stage == "fit" and not isinstance(trainer.datamodule, StageData):
+            raise ConfigError(f"{name} needs a datamodule with seed, tokenizer, stage_stream and collate (StageData)")
+        if stage == "fit" and not isinstance(pl_module, HasLoss):
+            raise ConfigError(f"{name} needs a module with sft_loss(batch) (HasLoss)")
 
-    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        """Consolidates the finished stage, unless it is the last one (nothing trains after it)."""
-        curriculum = Curriculum.of(trainer)
-        index = curriculum.index(stage)
-        if trainer.sanity_checking or index == len(curriculum.stages) - 1:
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, index: int) -> None:
+        """Consolidates the finished stage ``index``, unless it is the last one (nothing trains after it)."""
+        if trainer.sanity_checking or index == len(self.plan.stages) - 1:
             return
         self.consolidate(trainer, pl_module, index)
 
-    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        """Called when a stage begins; nothing by default."""
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, index: int) -> None:
+        """Called when stage ``index`` begins; nothing by default."""
 
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
         """Records what stage ``stage_index`` learned. Override point; nothing by default."""
@@ -110,5 +91,5 @@ class RetentionCallback(Callback):
     ) -> None:
         if trainer.sanity_checking:
             return
-        params = {name: p for name, p in self.trainable(pl_module).items() if p.grad is not None}
+        params = {name: p for name, p in trainable(pl_module).items() if p.grad is not None}
         self.edit_gradients(trainer, pl_module, params)

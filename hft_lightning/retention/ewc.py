@@ -20,6 +20,7 @@ from hft_kernels import ewc_penalty_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import stage_fisher
+from hft_lightning.retention.parameters import on_parameters, trainable
 
 
 class EWC(RetentionCallback):
@@ -50,7 +51,7 @@ class EWC(RetentionCallback):
 
     @override
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
-        params = self.trainable(pl_module)
+        params = trainable(pl_module)
         self.consolidated.append(
             {
                 "stage": stage_index,
@@ -61,10 +62,10 @@ class EWC(RetentionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = self.trainable(pl_module)
+        params = trainable(pl_module)
         for state in self.consolidated:
             for key in ("fisher", "anchor"):
-                state[key] = self.on_parameters(f"EWC {key} of stage {state['stage']}", state[key], params)
+                state[key] = on_parameters(f"EWC {key} of stage {state['stage']}", state[key], params)
 
     @override
     def edit_gradients(

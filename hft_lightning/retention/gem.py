@@ -26,6 +26,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
+from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
 
 
@@ -62,7 +63,7 @@ class GEM(RetentionCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.references.restore("GEM", self.trainable(pl_module))
+        self.references.restore("GEM", trainable(pl_module))
 
     @override
     def edit_gradients(

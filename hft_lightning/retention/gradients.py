@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hft_kernels import fisher_accumulate_
+from hft_lightning.retention.contracts import HasLoss
 from hft_lightning.retention.memory import ExampleMemory, Item
 
 
@@ -32,7 +33,9 @@ def _local_batches(trainer: pl.Trainer, items: Sequence[Item], batch_size: int) 
         yield trainer.strategy.batch_to_device(trainer.datamodule.collate(items[start : start + batch_size]))
 
 
-def _loss_grads(trainer: pl.Trainer, pl_module: pl.LightningModule, params: Sequence[nn.Parameter], batch: Any):
+def _loss_grads(
+    trainer: pl.Trainer, pl_module: HasLoss, params: Sequence[nn.Parameter], batch: dict[str, Any]
+) -> list[torch.Tensor]:
     with torch.enable_grad(), trainer.precision_plugin.train_step_context():
         loss = pl_module.sft_loss(batch)
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)

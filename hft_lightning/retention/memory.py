@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from hft_lightning.retention.contracts import StageData
+
 Item = tuple[str, int]
 """A training example: the ability's name and the example's index in that ability's training data."""
 
@@ -67,11 +69,11 @@ class ExampleMemory:
             if slot < self.size and item not in items:
                 items[slot] = item
 
-    def observe_stage(self, datamodule: Any, stage_index: int) -> None:
+    def observe_stage(self, datamodule: StageData, stage_index: int) -> None:
         """Updates the reservoirs with every example stage ``stage_index`` trained on.
 
         Args:
-            datamodule: A :class:`~hft_lightning.data.StagedDataModule` (its ``stage_stream`` and ``seed``).
+            datamodule: Its ``stage_stream`` and ``seed`` (a :class:`~hft_lightning.StagedDataModule`).
             stage_index: The finished stage.
         """
         generator = torch.Generator().manual_seed(datamodule.seed * 1_000_003 + stage_index)

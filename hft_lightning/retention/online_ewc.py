@@ -19,6 +19,7 @@ from hft_kernels import ewc_penalty_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import stage_fisher
+from hft_lightning.retention.parameters import on_parameters, trainable
 
 
 class OnlineEWC(RetentionCallback):
@@ -51,7 +52,7 @@ class OnlineEWC(RetentionCallback):
 
     @override
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
-        params = self.trainable(pl_module)
+        params = trainable(pl_module)
         new = stage_fisher(trainer, pl_module, params, stage_index, self.fisher_samples)
         if self.fisher:
             torch._foreach_mul_(list(self.fisher.values()), self.gamma)
@@ -64,9 +65,9 @@ class OnlineEWC(RetentionCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.fisher:
             return
-        params = self.trainable(pl_module)
-        self.fisher = self.on_parameters("OnlineEWC fisher", self.fisher, params)
-        self.anchor = self.on_parameters("OnlineEWC anchor", self.anchor, params)
+        params = trainable(pl_module)
+        self.fisher = on_parameters("OnlineEWC fisher", self.fisher, params)
+        self.anchor = on_parameters("OnlineEWC anchor", self.anchor, params)
 
     @override
     def edit_gradients(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hft_lightning.retention.base import RetentionCallback
+from hft_lightning.retention.parameters import on_parameters
 
 
 class ReferenceGradients:
@@ -55,7 +55,7 @@ class ReferenceGradients:
         Call it in ``on_train_start``; ``what`` names the method in the error of a mismatch.
         """
         for key, ref in self.refs.items():
-            self.refs[key] = RetentionCallback.on_parameters(f"{what} reference gradient of {key!r}", ref, params)
+            self.refs[key] = on_parameters(f"{what} reference gradient of {key!r}", ref, params)
 
     def state_dict(self) -> dict[str, Any]:
         """The references and the step they were computed at (for the owning callback's checkpoint state)."""

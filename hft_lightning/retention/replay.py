@@ -17,7 +17,6 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from hft_lightning.curriculum import Curriculum
 from hft_lightning.data.sft import concat_batches
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
@@ -46,16 +45,6 @@ class Replay(RetentionCallback):
         self.memory = ExampleMemory(memory_size)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        position = trainer.callbacks.index(self)
-        if any(isinstance(c, Curriculum) for c in trainer.callbacks[position:]):
-            raise ConfigError(
-                "trainer.callbacks: put hft_lightning.Curriculum before Replay (callbacks run in list order, and "
-                "Replay must see the stage the Curriculum has switched to)"
-            )
-
-    @override
     def consolidate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_index: int) -> None:
         self.memory.observe_stage(trainer.datamodule, stage_index)
 
@@ -68,7 +57,8 @@ class Replay(RetentionCallback):
             return
         size = len(batch["input_ids"])
         num_replayed = max(1, round(self.ratio * size))
-        seed = ((trainer.datamodule.seed * 1000 + Curriculum.of(trainer).stage_index) * 1_000_003 + batch_idx) * 64
+        stage_index = self.plan.stage_index(trainer.current_epoch)
+        seed = ((trainer.datamodule.seed * 1000 + stage_index) * 1_000_003 + batch_idx) * 64
         generator = torch.Generator().manual_seed(seed + trainer.global_rank)
         which = torch.randint(len(abilities), (num_replayed,), generator=generator).tolist()
         items = []

@@ -1,8 +1,15 @@
 import pytest
 
-from hft_lightning.data import builtin_code, builtin_general, builtin_math
-from hft_lightning.data.builtin import BUILTIN_ABILITIES, load_ability
+from hft_lightning.data.builtin import BUILTIN_ABILITIES, BuiltinSource
 from hft_lightning.data.example import Example
+
+
+def load_ability(source, num_train, num_val, seed):
+    return BuiltinSource.parse(source).load(num_train, num_val, seed)
+
+
+def scorer(name):
+    return load_ability(f"builtin:{name}", num_train=1, num_val=1, seed=0).scorer
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_ABILITIES))
@@ -31,12 +38,13 @@ def test_unknown_ability_names_the_allowed_sources():
 
 
 def test_math_scores_the_last_final_answer_line():
-    example = Example("Q", "", {"answer": 7})
-    assert builtin_math.score(["3 + 4 = 7\nAnswer: 7"], [example]) == [True]
-    assert builtin_math.score(["Answer: 6\nAnswer: 7"], [example]) == [True]
-    assert builtin_math.score(["3 + 4 = 7"], [example]) == [False]  # no answer line
-    assert builtin_math.score(["Answer: 8"], [example]) == [False]
-    assert builtin_math.extract_answer("Answer: -3") == -3
+    example = Example("Q", "", {"answer": "7"})
+    score = scorer("math")
+    assert score(["3 + 4 = 7\nAnswer: 7"], [example]) == [True]
+    assert score(["Answer: 6\nAnswer: 7"], [example]) == [True]
+    assert score(["3 + 4 = 7"], [example]) == [False]  # no answer line
+    assert score(["Answer: 8"], [example]) == [False]
+    assert score(["Answer: -3"], [Example("Q", "", {"answer": "-3"})]) == [True]
 
 
 def test_code_scores_by_executing_the_tests():
@@ -44,7 +52,8 @@ def test_code_scores_by_executing_the_tests():
     right = "def get_value(x):\n    return x + 3"
     wrong = "def get_value(x):\n    return x + 4"
     broken = "def get_value(x)\n    return x + 3"
-    assert builtin_code.score([right, wrong, broken], [example] * 3) == [True, False, False]
+    fenced = f"```python\n{right}\n```"  # one code_exec for built-in and file abilities: fences are unwrapped
+    assert scorer("code")([right, wrong, broken, fenced], [example] * 4) == [True, False, False, True]
 
 
 def test_general_checks_every_constraint():
@@ -53,10 +62,16 @@ def test_general_checks_every_constraint():
     )
     order = Example("Q", "", {"constraints": [{"type": "order", "words": ["fig", "apple", "kiwi"]}]})
     contains = Example("Q", "", {"constraints": [{"type": "contains", "words": ["winter", "stone"]}]})
-    assert builtin_general.score(["RIVER RIVER RIVER"], [repeat_upper]) == [True]
-    assert builtin_general.score(["RIVER RIVER"], [repeat_upper]) == [False]  # count
-    assert builtin_general.score(["river river river"], [repeat_upper]) == [False]  # casing
-    assert builtin_general.score(["fig, apple, kiwi"], [order]) == [True]
-    assert builtin_general.score(["apple, fig, kiwi"], [order]) == [False]
-    assert builtin_general.score(["In winter a stone."], [contains]) == [True]
-    assert builtin_general.score(["In winter a rock."], [contains]) == [False]
+    score = scorer("general")
+    assert score(["RIVER RIVER RIVER"], [repeat_upper]) == [True]
+    assert score(["RIVER RIVER"], [repeat_upper]) == [False]  # count
+    assert score(["river river river"], [repeat_upper]) == [False]  # casing
+    assert score(["fig, apple, kiwi"], [order]) == [True]
+    assert score(["apple, fig, kiwi"], [order]) == [False]
+    assert score(["In winter a stone."], [contains]) == [True]
+    assert score(["In winter a rock."], [contains]) == [False]
+
+
+def test_num_train_counts_the_generated_training_examples():
+    assert len(load_ability("builtin:math", num_train=None, num_val=1, seed=0).train) == 4000
+    assert len(load_ability("builtin:math", num_train=7, num_val=1, seed=0).train) == 7

@@ -13,7 +13,8 @@ SHAPES = ("messages", "prompt_response", "alpaca")
 
 
 def _load(train, **fields):
-    return AbilitySource(**{"name": "mine", "train": str(train), "scorer": "exact_match", **fields}).load(num_val=1000)
+    source = AbilitySource(**{"name": "mine", "train": str(train), "scorer": "exact_match", **fields})
+    return source.load(num_train=None, num_val=1000, seed=0)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])

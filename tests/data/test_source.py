@@ -14,19 +14,26 @@ from tests.test_cli import TINY_FLAGS
 def test_without_a_val_file_the_split_is_disjoint_deterministic_and_capped_at_num_val(tmp_path):
     path = str(write_jsonl(tmp_path / "data.jsonl", records("prompt_response", 200)))
     source = AbilitySource("mine", path, "exact_match", val_fraction=0.3)
-    full = source.load(num_val=1000)
+    full = source.load(num_train=None, num_val=1000, seed=0)
     train, val = [e.prompt for e in full.train], [e.prompt for e in full.val]
     assert len(train) + len(val) == 200 and 40 <= len(val) <= 80
     assert set(train).isdisjoint(val)
-    again = source.load(num_val=10)
+    again = source.load(num_train=None, num_val=10, seed=0)
     assert [e.prompt for e in again.train] == train and [e.prompt for e in again.val] == val[:10]
 
 
 def test_a_val_file_is_used_whole_for_validation_up_to_num_val(tmp_path):
     train = str(write_jsonl(tmp_path / "train.jsonl", records("alpaca", 8)))
     val = str(write_jsonl(tmp_path / "val.jsonl", records("prompt_response", 30)))
-    ability = AbilitySource("mine", train, "contains", val=val).load(num_val=25)
+    ability = AbilitySource("mine", train, "contains", val=val).load(num_train=None, num_val=25, seed=0)
     assert len(ability.train) == 8 and [e.prompt for e in ability.val] == [f"Say {i}." for i in range(25)]
+
+
+def test_num_train_keeps_the_first_training_records(tmp_path):
+    path = str(write_jsonl(tmp_path / "data.jsonl", records("prompt_response", 30)))
+    source = AbilitySource("mine", path, "contains", val=path)
+    first = source.load(num_train=5, num_val=1, seed=0).train
+    assert [e.prompt for e in first] == [e.prompt for e in source.load(num_train=None, num_val=1, seed=0).train[:5]]
 
 
 @pytest.mark.parametrize(

@@ -23,13 +23,13 @@ def test_topological_order_breaks_ties_in_config_order():
 
 def test_the_plan_trains_prerequisites_first_and_keeps_mixture_stages_in_place():
     curriculum = Curriculum(STAGES, planner=Prerequisites({"math": ["general"]}))
-    assert [s.name for s in curriculum.stages] == ["foundation", "code", "general", "math", "unified"]
+    assert [s.name for s in curriculum.plan.stages] == ["foundation", "code", "general", "math", "unified"]
     assert curriculum.planned  # decided from the config alone, when the curriculum is built
     assert [s.name for s in curriculum.configured] == [s.name for s in STAGES]
-    why = {s["name"]: s["why"] for s in curriculum.plan()}
+    why = {s.name: why for s, why in zip(curriculum.plan.stages, curriculum.plan.why, strict=True)}
     assert why["math"] == "builds on general" and why["code"] == "no prerequisites"
     assert why["foundation"] == why["unified"] == "mixture: keeps its configured position"
-    assert curriculum.learned_at("math") == 0 and curriculum.steps_before(3) == 2 + 4 + 5
+    assert curriculum.plan.learned_at("math") == 0 and curriculum.plan.steps_before(3) == 2 + 4 + 5
 
 
 @pytest.mark.parametrize(
@@ -52,4 +52,4 @@ def test_an_ability_with_two_single_ability_stages_cannot_be_ordered_by_ability(
     stages = [Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0}), Stage("math2", 1, {"math": 1.0})]
     with pytest.raises(ConfigError, match=r"\['math'\] each train alone in more than one stage"):
         Curriculum(stages, planner=Prerequisites({}))
-    assert [s.name for s in Curriculum(stages).stages] == ["math", "code", "math2"]  # explicit: as configured
+    assert [s.name for s in Curriculum(stages).plan.stages] == ["math", "code", "math2"]  # explicit: as configured

@@ -83,7 +83,7 @@ def main() -> None:
     )
     state = {
         "world_size": trainer.world_size,
-        "plan": Curriculum.of(trainer).plan(),
+        "plan": Curriculum.of(trainer).plan.to_dict()["stages"],
         "params": {n: p.detach().clone() for n, p in module.named_parameters()},
         "ewc": ewc.state_dict(),
         "gem": gem.state_dict(),

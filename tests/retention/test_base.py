@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay, RetentionCallback
+from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay, RetentionCallback, match_names, trainable
 from tests.helpers import make_trainer, tiny_datamodule, tiny_module
 from tests.retention.common import fit
 
@@ -45,21 +45,21 @@ def test_state_keys_separate_instances_with_different_arguments():
 def test_state_is_keyed_by_name_and_checked_on_load(tmp_path):
     ewc = EWC(lam=10.0, fisher_samples=2)
     module, _ = fit(tmp_path, [ewc])
-    params = RetentionCallback.trainable(module)
+    params = trainable(module)
     shuffled = {name: params[name] for name in reversed(list(params))}
     restored = EWC(lam=10.0, fisher_samples=2)
     restored.load_state_dict(ewc.state_dict())
     for state in restored.consolidated:
-        RetentionCallback.match_names("EWC fisher", state["fisher"], shuffled)  # order does not matter
+        match_names("EWC fisher", state["fisher"], shuffled)  # order does not matter
     renamed = {("renamed." + n if i == 0 else n): p for i, (n, p) in enumerate(params.items())}
     with pytest.raises(ConfigError, match=r"missing \['renamed\.model.*unexpected \['model\."):
-        RetentionCallback.match_names("EWC fisher", restored.consolidated[0]["fisher"], renamed)
+        match_names("EWC fisher", restored.consolidated[0]["fisher"], renamed)
 
 
 def test_only_trainable_parameters_are_protected(tmp_path):
     module = tiny_module(tiny_datamodule())
     module.model.model.embed_tokens.weight.requires_grad_(False)
-    names = RetentionCallback.trainable(module)
+    names = trainable(module)
     assert "model.model.embed_tokens.weight" not in names
     assert len(names) == sum(1 for p in module.parameters() if p.requires_grad)
 
@@ -70,11 +70,11 @@ def test_sharded_strategies_are_refused_in_setup():
         EWC().setup(trainer, torch.nn.Module(), "fit")
 
 
-def test_replay_must_come_after_the_curriculum(tmp_path):
-    replay = Replay()
-    trainer = make_trainer(tmp_path, [replay, Curriculum()])
+def test_retention_must_come_after_the_curriculum(tmp_path):
+    curriculum = Curriculum()
+    trainer = make_trainer(tmp_path, [Replay(), curriculum])
     with pytest.raises(ConfigError, match="Curriculum before Replay"):
-        replay.setup(trainer, torch.nn.Module(), "fit")
+        curriculum.setup(trainer, torch.nn.Module(), "fit")
 
 
 class _RecordingRetention(RetentionCallback):
@@ -128,3 +128,11 @@ def test_the_gradient_edit_runs_once_per_optimizer_step_on_the_accumulated_gradi
             torch.testing.assert_close(clipped[name], grad + 1.0, rtol=0, atol=0)
         assert torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])) > 10 * clip_val
         torch.testing.assert_close(norm, torch.tensor(clip_val), rtol=1e-4, atol=0)
+
+
+def test_retention_names_what_it_needs_from_the_datamodule_and_the_module(tiny_data):
+    with pytest.raises(ConfigError, match=r"EWC needs a datamodule with seed, tokenizer, stage_stream and collate"):
+        EWC().setup(SimpleNamespace(strategy=None, datamodule=object()), tiny_module(tiny_data), "fit")
+    with pytest.raises(ConfigError, match=r"EWC needs a module with sft_loss"):
+        EWC().setup(SimpleNamespace(strategy=None, datamodule=tiny_data), torch.nn.Module(), "fit")
+    EWC().setup(SimpleNamespace(strategy=None, datamodule=tiny_data), tiny_module(tiny_data), "fit")

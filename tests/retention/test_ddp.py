@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from hft_lightning.curriculum import _check_trainer
+from hft_lightning.checks import check_trainer
 from hft_lightning.errors import ConfigError
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
@@ -80,7 +80,7 @@ def test_state_equals_one_process_with_the_same_global_batches(runs):
 def test_lightning_distributed_sampler_is_refused():
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     with pytest.raises(ConfigError, match=r"set trainer\.use_distributed_sampler: false with 2 processes"):
-        _check_trainer(trainer)
+        check_trainer(trainer)
 
 
 def test_resuming_at_the_last_step_measures_the_last_row_on_every_process_and_reports(ddp_run, tmp_path):

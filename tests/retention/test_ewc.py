@@ -28,7 +28,7 @@ class FisherOracle(Callback):
         self.samples = samples
         self.fishers = []
 
-    def on_stage_end(self, trainer, pl_module, stage):
+    def on_stage_end(self, trainer, pl_module, stage, index):
         self.fishers.append(_direct_fisher(trainer, pl_module, trainer.current_epoch, self.samples))
 
 

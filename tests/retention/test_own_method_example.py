@@ -1,4 +1,4 @@
-"""The README's own-retention-method example, run exactly as written: the class and its YAML."""
+"""The own-retention-method example of docs/retention.md, run exactly as written: the class and its YAML."""
 
 import re
 import sys
@@ -9,8 +9,8 @@ import torch
 from hft_lightning.cli import main
 from tests.retention.common import GradientProbe, fit
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-SECTION = README.split("### Your own retention method", 1)[1]
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "retention.md").read_text()
+SECTION = DOC.split("## Your own retention method", 1)[1]
 CODE = re.search(r"```python\n(.*?)```", SECTION, re.S).group(1)
 YAML = re.search(r"```yaml\n(.*?)```", SECTION, re.S).group(1)
 

@@ -6,9 +6,9 @@ import pytest
 
 from hft_lightning import Curriculum, Stage, StagedDataModule
 from hft_lightning.data.example import Example
-from hft_lightning.data.scorers import ExactMatch, code_exec, contains, extract_answer, extract_program
 from hft_lightning.data.source import AbilitySource
 from hft_lightning.errors import ConfigError
+from hft_lightning.scoring import ExactMatch, code_exec, contains, extract_answer, extract_program
 from tests.data.files import records, write_jsonl
 from tests.helpers import make_trainer, tiny_module
 
@@ -52,7 +52,8 @@ def test_code_exec_runs_the_tests_in_the_sandbox_and_unwraps_a_code_fence():
 def test_the_answer_pattern_extracts_the_reference_answer_of_every_record(tmp_path, scorer):
     data = [{"prompt": f"{i} + 1?", "response": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(10)]
     path = write_jsonl(tmp_path / "math.jsonl", data)
-    ability = AbilitySource("sums", str(path), scorer, val=str(path), answer_pattern=r"####\s*(\S+)").load(num_val=10)
+    source = AbilitySource("sums", str(path), scorer, val=str(path), answer_pattern=r"####\s*(\S+)")
+    ability = source.load(num_train=None, num_val=10, seed=0)
     assert [e.reference for e in ability.val] == [{"answer": str(i + 1)} for i in range(10)]
     assert ability.scorer(["1 + 1 = 2\n#### 2", "3, I think"], ability.val[1:3]) == [True, scorer == "contains"]
 
@@ -62,7 +63,7 @@ def test_a_response_the_answer_pattern_does_not_match_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "math.jsonl", data)
     source = AbilitySource("sums", str(path), "exact_match", answer_pattern=r"####\s*(\S+)")
     with pytest.raises(ConfigError) as error:
-        source.load(num_val=10)
+        source.load(num_train=None, num_val=10, seed=0)
     assert str(error.value) == rf"{path}:2: answer_pattern: '####\\s*(\\S+)' does not match the response"
 
 
@@ -71,13 +72,13 @@ def test_code_exec_reads_the_tests_field_of_every_record(tmp_path):
     path = write_jsonl(tmp_path / "code.jsonl", [*data, {"prompt": "p", "response": "r", "checks": "assert f()"}])
     source = AbilitySource("code", str(path), "code_exec", val=str(path), tests_field="checks")
     with pytest.raises(ConfigError) as error:
-        source.load(num_val=10)
+        source.load(num_train=None, num_val=10, seed=0)
     assert str(error.value) == f"{path}:2: checks: must be a non-empty list of test statements; got string"
     write_jsonl(path, [*data, {"prompt": "p", "response": "r"}])
     with pytest.raises(ConfigError, match=r"code\.jsonl:2: checks: must be a non-empty list of test .*; missing$"):
-        source.load(num_val=10)
+        source.load(num_train=None, num_val=10, seed=0)
     write_jsonl(path, data)
-    ability = source.load(num_val=10)
+    ability = source.load(num_train=None, num_val=10, seed=0)
     assert ability.val[0].reference == {"tests": ["assert add(1, 2) == 3"]}
     assert ability.scorer(["def add(a, b):\n    return a + b"], ability.val) == [True]
 

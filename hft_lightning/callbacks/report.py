@@ -1,0 +1,140 @@
+"""The report of a fit: the accuracy matrix, the row before training, the report folder and the exported model.
+
+The module scores every ability at every validation (:attr:`~hft_lightning.HFTModule.validation_scores`); this
+callback keeps those scores as rows of an :class:`~hft_lightning.metrics.AccuracyMatrix`, shaped by the
+:class:`~hft_lightning.plan.Plan` the curriculum pushes to it (:meth:`Report.set_plan`): one row per stage, and row 0
+for the model before training. The matrix is this callback's checkpoint state, so a resumed run keeps the rows of
+the stages it has already finished.
+
+The row before training is measured once, at the start of training: a resumed run keeps the rows it checkpointed,
+and a run resumed exactly at a stage boundary measures the row whose validation Lightning skips on such a restart.
+At the end of ``fit`` the report is written to ``<default_root_dir>/report``
+(:func:`~hft_lightning.report.write_report`) and the model with its tokenizer to ``<default_root_dir>/model``
+(:meth:`~hft_lightning.HFTModule.save_pretrained`).
+The command line always adds this callback; a Trainer built in Python lists it after the curriculum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from hft_lightning.errors import ConfigError
+from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
+from hft_lightning.plan import NO_PLAN, Plan
+from hft_lightning.report import Results, write_report
+
+
+class Report(Callback):
+    """Keeps the accuracy matrix of a fit, writes the report and exports the fine-tuned model.
+
+    Example::
+
+        trainer = Trainer(callbacks=[Curriculum(), Report()])
+    """
+
+    def __init__(self) -> None:
+        self.plan: Plan | None = None
+        self.abilities: list[str] = []
+        self.accuracy_matrix: AccuracyMatrix | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Follows ``plan`` (pushed by the curriculum): one matrix row per stage, each ability's first stage."""
+        self.plan = plan
+        if self.accuracy_matrix is not None:
+            self.accuracy_matrix.learned_at = tuple(plan.learned_at(name) for name in self.accuracy_matrix.abilities)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.plan is None:
+            raise ConfigError(f"Report {NO_PLAN}, listed before the Report")
+        self.abilities = trainer.datamodule.ability_names
+        # An ability with no scorer (validation loss only) is left out of the accuracy matrix.
+        scored = [a.name for a in trainer.datamodule.abilities if a.scorer is not None]
+        learned_at = [self.plan.learned_at(name) for name in scored]
+        self.accuracy_matrix = AccuracyMatrix(scored, len(self.plan.stages), learned_at)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.accuracy_matrix.to(pl_module.device)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Rows measurable now: "before" at step 0, and after a resume exactly at a stage boundary, the row of the
+        # stage that just ended (Lightning does not rerun an epoch-end validation a checkpoint was taken before).
+        step = trainer.global_step
+        matrix = self.accuracy_matrix.matrix
+        rows = [
+            row
+            for row in range(len(self.plan.stages) + 1)
+            if self.plan.steps_before(row) == step and torch.isnan(matrix[row]).all()
+        ]
+        if not rows:
+            return
+        pl_module.model.eval()
+        for dataloader_idx, loader in enumerate(trainer.val_dataloaders):
+            for batch in itertools.islice(loader, trainer.num_val_batches[dataloader_idx]):
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, dataloader_idx)
+                pl_module.score_batch(batch, dataloader_idx)
+        pl_module.model.train()
+        scores = pl_module.compute_scores()
+        for row in rows:
+            self.accuracy_matrix.update(row, scores)
+        named = zip(self.accuracy_matrix.abilities, scores.tolist(), strict=True)
+        metrics = {f"val/{name}/score": score for name, score in named}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.accuracy_matrix.update(trainer.current_epoch + 1, pl_module.validation_scores)
+        derived = self.accuracy_matrix.compute()
+        metrics = {f"cl/{key}": derived[key].item() for key in ("average_accuracy", "bwt", "fwt")}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        derived = self.accuracy_matrix.compute()  # a collective under DDP (a row recorded since the last compute)
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        results = Results(
+            abilities=self.abilities,
+            before=self._by_ability(self.accuracy_matrix.before),
+            accuracy_matrix=[self._by_ability(row) for row in self.accuracy_matrix.stage_rows],
+            average_accuracy=derived["average_accuracy"].item(),
+            forgetting=dict(zip(self.abilities, self._by_ability(derived["forgetting"]), strict=True)),
+            bwt=derived["bwt"].item(),
+            fwt=derived["fwt"].item(),
+        )
+        report = write_report(root / "report", self.plan, results)
+        rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
+        saved = pl_module.save_pretrained(root / "model")
+        rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
+
+    def _by_ability(self, scores: torch.Tensor) -> list[float]:
+        """One value per declared ability from one per scored ability; NaN (``null`` in the report) where unscored."""
+        # reshape: torchmetrics squeezes a one-element result of compute() to 0-dim
+        scored = dict(zip(self.accuracy_matrix.abilities, scores.reshape(-1).tolist(), strict=True))
+        return [scored.get(name, math.nan) for name in self.abilities]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracy_matrix": self.accuracy_matrix.matrix.cpu()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracy_matrix.matrix.copy_(state_dict["accuracy_matrix"])
