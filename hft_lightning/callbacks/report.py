@@ -137,4 +137,5 @@ class Report(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accuracy_matrix.matrix.copy_(state_dict["accuracy_matrix"])
+        if self.accuracy_matrix is not None:  # validate and test restore a checkpoint's weights; they keep no matrix
+            self.accuracy_matrix.matrix.copy_(state_dict["accuracy_matrix"])
