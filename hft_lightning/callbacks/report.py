@@ -1,10 +1,12 @@
 """The report of a fit: the accuracy matrix, the row before training, the report folder and the exported model.
 
-The module scores every ability at every validation (:attr:`~hft_lightning.HFTModule.validation_scores`); this
+The module scores every ability at every validation (:meth:`~hft_lightning.HFTModule.validation_scores`); this
 callback keeps those scores as rows of an :class:`~hft_lightning.metrics.AccuracyMatrix`, shaped by the
 :class:`~hft_lightning.plan.Plan` the curriculum pushes to it (:meth:`Report.set_plan`): one row per stage, and row 0
 for the model before training. The matrix is this callback's checkpoint state, so a resumed run keeps the rows of
-the stages it has already finished.
+the stages it has already finished. After each validation of ``fit`` it logs the continual-learning metrics of the
+matrix, ``cl/average_accuracy``, ``cl/bwt`` and ``cl/fwt``, so ``ModelCheckpoint`` and ``EarlyStopping`` can monitor
+them.
 
 The row before training is measured once, at the start of training: a resumed run keeps the rows it checkpointed,
 and a run resumed exactly at a stage boundary measures the row whose validation Lightning skips on such a restart.
@@ -96,14 +98,15 @@ class Report(Callback):
             logger.log_metrics(metrics, step=step)
 
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self.accuracy_matrix.update(trainer.current_epoch + 1, pl_module.validation_scores)
+        self.accuracy_matrix.update(trainer.current_epoch + 1, pl_module.validation_scores())
         derived = self.accuracy_matrix.compute()
-        metrics = {f"cl/{key}": derived[key].item() for key in ("average_accuracy", "bwt", "fwt")}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        # Logged here, not in on_validation_end, so they reach trainer.callback_metrics before any callback's
+        # on_validation_end (ModelCheckpoint, EarlyStopping) reads it.
+        for key in ("average_accuracy", "bwt", "fwt"):
+            pl_module.log(f"cl/{key}", derived[key], sync_dist=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
