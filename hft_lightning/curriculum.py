@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hft_lightning.checks import check_callback_order, check_trainer, validate_stages
+from hft_lightning.checks import check_callback_order, check_stage_hooks, check_trainer, validate_stages
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import (
     DEFAULT_STAGES,
@@ -211,6 +211,7 @@ class Curriculum(Callback):
         if stage != "fit":
             return
         check_callback_order(trainer.callbacks, self)
+        check_stage_hooks(trainer.callbacks)
         check_trainer(trainer)
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ability_names"):

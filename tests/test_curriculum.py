@@ -62,6 +62,22 @@ def test_undeclared_ability_is_rejected_before_training(tiny_data, tmp_path):
     assert trainer.global_step == 0
 
 
+class OldStageHooks(Callback):
+    def on_stage_start(self, trainer, pl_module, stage):
+        pass
+
+
+def test_a_stage_hook_without_the_index_is_refused_before_training(tiny_data, tmp_path):
+    trainer = make_trainer(tmp_path, [Curriculum(STAGES), OldStageHooks()])
+    message = (
+        r"OldStageHooks\.on_stage_start\(trainer, pl_module, stage\) cannot be called as "
+        r"on_stage_start\(trainer, pl_module, stage, index\)"
+    )
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
+    assert trainer.global_step == 0
+
+
 def test_a_curriculum_is_required(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"exactly one hft_lightning\.Curriculum"):
         make_trainer(tmp_path, []).fit(tiny_module(tiny_data), datamodule=tiny_data)
