@@ -69,14 +69,17 @@ class Curriculum(Callback):
         configured: The stages as configured.
         plan: The plan; until a measuring planner has decided (:attr:`planned`), the configured order.
 
+    A Trainer built in Python lists a :class:`~hft_lightning.callbacks.Report` after the curriculum (the command line
+    adds it itself): without one, ``fit`` trains but writes no report and exports no model.
+
     Example::
 
         from lightning.pytorch import Trainer
-        from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
+        from hft_lightning import Curriculum, HFTModule, Report, Stage, StagedDataModule
 
         data = StagedDataModule()
         curriculum = Curriculum([Stage("math", 100, {"math": 1.0}), Stage("all", 50, {"math": 1.0, "code": 1.0})])
-        Trainer(callbacks=[curriculum]).fit(HFTModule(data.tokenizer), datamodule=data)
+        Trainer(callbacks=[curriculum, Report()]).fit(HFTModule(data.tokenizer), datamodule=data)
     """
 
     def __init__(self, stages: Sequence[Stage] = DEFAULT_STAGES, planner: Planner | None = None):

@@ -13,7 +13,8 @@ and a run resumed exactly at a stage boundary measures the row whose validation 
 At the end of ``fit`` the report is written to ``<default_root_dir>/report``
 (:func:`~hft_lightning.report.write_report`) and the model with its tokenizer to ``<default_root_dir>/model``
 (:meth:`~hft_lightning.HFTModule.save_pretrained`).
-The command line always adds this callback; a Trainer built in Python lists it after the curriculum.
+The command line always adds this callback; a Trainer built in Python lists it after the curriculum (without it, a
+fit writes no report and exports nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from hft_lightning.report import Results, write_report
 
 class Report(Callback):
     """Keeps the accuracy matrix of a fit, writes the report and exports the fine-tuned model.
+
+    The command line adds it to every run; a Trainer built in Python must list it, after the
+    :class:`~hft_lightning.Curriculum`, or ``fit`` writes no report and exports no model.
 
     Example::
 
