@@ -36,7 +36,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
-from hft_lightning.plan import NO_PLAN, Plan
+from hft_lightning.plan import Plan, require_plan
 from hft_lightning.schedule import StageSchedule
 
 CHECKPOINT_FORMAT = 2
@@ -280,18 +280,13 @@ class HFTModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
 
-    def _plan(self) -> Plan:
-        if self.plan is None:
-            raise ConfigError(f"HFTModule {NO_PLAN}")
-        return self.plan
-
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
-        schedule = StageSchedule(self._plan().stage_steps, self.hparams.warmup_steps)
+        schedule = StageSchedule(require_plan(self.plan, "HFTModule").stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

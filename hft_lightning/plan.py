@@ -6,8 +6,9 @@ it under DDP), it round-trips through :meth:`Plan.to_dict` / :meth:`Plan.from_di
 checkpoint) and it renders itself as a table for the terminal and for ``summary.md``.
 
 Whoever needs the plan (the datamodule, the learning-rate schedule, the report) implements :class:`FollowsPlan` and
-receives it from the :class:`~hft_lightning.Curriculum`; nothing looks it up. One epoch is one stage
-(:meth:`Plan.stage_index`). This module imports nothing else from the package, so every layer may import it.
+receives it from the :class:`~hft_lightning.Curriculum`; nothing looks it up, and each checks it was given one with
+:func:`require_plan`. One epoch is one stage (:meth:`Plan.stage_index`). This module imports nothing else from the
+package but its errors, so every layer may import it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from hft_lightning.errors import ConfigError
 
 
 @dataclass
@@ -47,8 +50,6 @@ trained from scratch on one narrow ability barely learns the next ones (benchmar
 ORDER_RULE = "single-ability stages are ordered by the planner; mixture stages keep their configured positions"
 MIXTURE_WHY = "mixture: keeps its configured position"
 UNPLANNED_WHY = "not planned yet: the planner measures the model at the start of fit"
-NO_PLAN = "has no plan: trainer.callbacks must contain exactly one hft_lightning.Curriculum"
-"""The end of the error a consumer raises when no curriculum pushed a plan to it."""
 
 
 def single_ability(stage: Stage) -> str | None:
@@ -196,6 +197,20 @@ class FollowsPlan(Protocol):
 
     def set_plan(self, plan: Plan) -> None:
         """Adopts ``plan``; called at setup and again once the plan is decided (a measuring planner, a resume)."""
+
+
+def require_plan(plan: Plan | None, follower: str) -> Plan:
+    """The plan the curriculum pushed to ``follower`` (a class name), checked before ``follower`` uses it.
+
+    Raises:
+        ConfigError: Naming ``follower`` and ``trainer.callbacks``, if no curriculum pushed a plan.
+    """
+    if plan is None:
+        raise ConfigError(
+            f"{follower} has no plan: trainer.callbacks must contain exactly one hft_lightning.Curriculum, listed "
+            "before the callbacks that follow its plan"
+        )
+    return plan
 
 
 def _cell(text: str) -> str:

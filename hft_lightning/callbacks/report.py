@@ -30,9 +30,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hft_lightning.errors import ConfigError
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
-from hft_lightning.plan import NO_PLAN, Plan
+from hft_lightning.plan import Plan, require_plan
 from hft_lightning.report import Results, write_report
 
 
@@ -62,8 +61,7 @@ class Report(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.plan is None:
-            raise ConfigError(f"Report {NO_PLAN}, listed before the Report")
+        require_plan(self.plan, "Report")
         self.abilities = trainer.datamodule.ability_names
         # An ability with no scorer (validation loss only) is left out of the accuracy matrix.
         scored = [a.name for a in trainer.datamodule.abilities if a.scorer is not None]
