@@ -178,14 +178,14 @@ class Plan:
         """The plan as markdown lines for ``summary.md``: who decided, then a table of the stages."""
         cost = f" (probe: {self.probe['examples']} examples, {self.probe['seconds']:.2f} s)" if self.probe else ""
         return [
-            f"Order decided by the **{_cell(self.planner)}** planner{cost}: {ORDER_RULE}; "
+            f"Order decided by the **{markdown_cell(self.planner)}** planner{cost}: {ORDER_RULE}; "
             "`plan.json` holds the measurements.",
             "",
             "| stage | mixture | steps | why |",
             "| --- | --- | ---: | --- |",
             *(
-                f"| {_cell(s.name)} | {_cell(', '.join(f'{a} {w:g}' for a, w in s.mixture.items()))} | {s.steps} | "
-                f"{_cell(why)} |"
+                f"| {markdown_cell(s.name)} | {markdown_cell(', '.join(f'{a} {w:g}' for a, w in s.mixture.items()))} "
+                f"| {s.steps} | {markdown_cell(why)} |"
                 for s, why in zip(self.stages, self.why, strict=True)
             ),
         ]
@@ -213,5 +213,6 @@ def require_plan(plan: Plan | None, follower: str) -> Plan:
     return plan
 
 
-def _cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
+    """``text`` escaped for a cell of a markdown table."""
     return text.replace("|", "\\|")
