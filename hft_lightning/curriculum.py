@@ -26,6 +26,7 @@ it. The plan is printed, saved to ``report/plan.json`` and kept in :meth:`Curric
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -114,7 +115,7 @@ class Curriculum(Callback):
             stages=tuple(stages),
             why=tuple(why[s.name] for s in stages),
             planner=type(self.planner).__name__,
-            settings=self._settings,
+            settings=copy.deepcopy(self._settings),  # a Plan is frozen: it shares no dict with the planner
             configured_order=tuple(s.name for s in self.configured),
             measurements=measurements or {},
             probe=probe,

@@ -244,6 +244,15 @@ def test_a_restored_plan_wins_over_another_planner_or_settings_in_the_config(con
     assert curriculum.plan.settings == {"prerequisites": {"math": ["code"]}}
 
 
+def test_each_plan_owns_its_settings():
+    stages = [Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0})]
+    curriculum = Curriculum(stages, planner=Prerequisites({"math": ["code"]}))
+    curriculum.plan.settings["prerequisites"]["math"].append("general")
+    assert curriculum.planner.settings() == {"prerequisites": {"math": ["code"]}}
+    curriculum.load_state_dict(Curriculum(stages, planner=Prerequisites({"math": ["code"]})).state_dict())
+    assert curriculum.plan.settings == {"prerequisites": {"math": ["code"]}}
+
+
 def test_a_checkpoint_in_another_state_format_is_refused_before_any_state_is_restored(tiny_data, tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     _fit(tiny_data, tmp_path / "a", checkpoint=checkpoint)
