@@ -19,7 +19,7 @@ STAGES = [
 
 
 class Recorder(Callback):
-    """Records the stage hooks and the prompts each stage trains on."""
+    """Records the stage hooks (stage name, index in the plan, step) and the prompts each stage trains on."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -27,10 +27,10 @@ class Recorder(Callback):
         self.prompts = {}
 
     def on_stage_start(self, trainer, pl_module, stage, index):
-        self.events.append(("start", stage.name, trainer.global_step))
+        self.events.append(("start", stage.name, index, trainer.global_step))
 
     def on_stage_end(self, trainer, pl_module, stage, index):
-        self.events.append(("end", stage.name, trainer.global_step))
+        self.events.append(("end", stage.name, index, trainer.global_step))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         stage = Curriculum.of(trainer).current_stage.name
@@ -89,9 +89,9 @@ def test_stages_switch_data_and_announce_boundaries(tiny_data, tmp_path):
     trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
     assert trainer.global_step == 8
     assert recorder.events == [
-        ("start", "math", 0), ("end", "math", 3),
-        ("start", "code", 3), ("end", "code", 6),
-        ("start", "unified", 6), ("end", "unified", 8),
+        ("start", "math", 0, 0), ("end", "math", 0, 3),
+        ("start", "code", 1, 3), ("end", "code", 1, 6),
+        ("start", "unified", 2, 6), ("end", "unified", 2, 8),
     ]  # fmt: skip
     assert all("How many" in text for text in recorder.prompts["math"])
     assert all("Write a Python function" in text for text in recorder.prompts["code"])
@@ -185,8 +185,9 @@ def test_a_measured_plan_is_decided_at_fit_start_and_everything_follows_it(tiny_
     module = tiny_module(tiny_data)
     trainer.fit(module, datamodule=tiny_data)
     assert [s.name for s in curriculum.plan.stages] == ["warmup", "code", "math"] and curriculum.planner.calls == 1
-    assert [e for e in recorder.events if e[0] == "start"] == [("start", "warmup", 0), ("start", "code", 2),
-                                                                ("start", "math", 5)]  # fmt: skip
+    # the indices are the stages' places in the planned order, not in the configured one
+    assert [e for e in recorder.events if e[0] == "start"] == [("start", "warmup", 0, 0), ("start", "code", 1, 2),
+                                                                ("start", "math", 2, 5)]  # fmt: skip
     assert all("Write a Python function" in text for text in recorder.prompts["code"])
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].starts == [0, 2, 5, 6]  # the planned lengths
     assert report.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
