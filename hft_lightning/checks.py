@@ -1,4 +1,4 @@
-"""Checks of a run's settings before training: the configured stages, the trainer, the order of the callbacks.
+"""Checks of a run's settings before training: the configured stages, the trainer, the callbacks' order and hooks.
 
 Each raises :class:`~hft_lightning.errors.ConfigError` naming the field and what to do instead, in ``__init__`` or
 ``setup``, before any step is taken.
@@ -6,6 +6,7 @@ Each raises :class:`~hft_lightning.errors.ConfigError` naming the field and what
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -75,8 +76,6 @@ def check_trainer(trainer: pl.Trainer) -> None:
         )
 
 
-
-
 def check_callback_order(callbacks: Sequence[Callback], curriculum: Callback) -> None:
     """Refuses a callback that follows the stages (``on_stage_start``/``on_stage_end``) placed before the curriculum.
 
@@ -90,3 +89,32 @@ def check_callback_order(callbacks: Sequence[Callback], curriculum: Callback) ->
                 f"trainer.callbacks: put hft_lightning.Curriculum before {name} (callbacks run in list order, and "
                 f"{name} must see the stage the Curriculum has switched to)"
             )
+
+
+STAGE_HOOKS = ("on_stage_start", "on_stage_end")
+"""The hooks the curriculum calls at a stage boundary, as ``hook(trainer, pl_module, stage, index)``."""
+
+
+def check_stage_hooks(callbacks: Sequence[Callback]) -> None:
+    """Refuses a stage hook that cannot be called as ``hook(trainer, pl_module, stage, index)``.
+
+    Checked before training, so a hook written for another signature fails here rather than at the first stage
+    boundary, after training has started.
+
+    Raises:
+        ConfigError: Naming the callback class, the hook and the signature it must have.
+    """
+    for callback in callbacks:
+        for hook in STAGE_HOOKS:
+            method = getattr(callback, hook, None)
+            if not callable(method):
+                continue
+            signature = inspect.signature(method)
+            try:
+                signature.bind("trainer", "pl_module", "stage", 0)
+            except TypeError:
+                raise ConfigError(
+                    f"trainer.callbacks: {type(callback).__name__}.{hook}{signature} cannot be called as "
+                    f"{hook}(trainer, pl_module, stage, index): the curriculum passes the stage and its index in "
+                    "the plan"
+                ) from None

@@ -82,6 +82,22 @@ class HFTCLI(LightningCLI):
     before_fit = before_validate = before_test = _check_plan
 
     @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with the :class:`~hft_lightning.callbacks.Report` this command line adds to every run.
+
+        Raises:
+            ConfigError: Naming ``trainer.callbacks``, if it lists a Report too (Lightning allows one).
+        """
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        listed = config.trainer.callbacks
+        if any(isinstance(c, Report) for c in (listed if isinstance(listed, list) else [listed])):
+            raise ConfigError(
+                "trainer.callbacks lists hft_lightning.Report, which the command line adds itself after "
+                "trainer.callbacks: remove it from trainer.callbacks"
+            )
+        return super().instantiate_trainer(**kwargs)
+
+    @override
     def before_instantiate_classes(self) -> None:
         # The default logger writes beside the report and the model, under trainer.default_root_dir, unless its
         # save_dir was set to another folder.

@@ -26,6 +26,7 @@ it. The plan is printed, saved to ``report/plan.json`` and kept in :meth:`Curric
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -37,7 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hft_lightning.checks import check_callback_order, check_trainer, validate_stages
+from hft_lightning.checks import check_callback_order, check_stage_hooks, check_trainer, validate_stages
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import (
     DEFAULT_STAGES,
@@ -69,14 +70,17 @@ class Curriculum(Callback):
         configured: The stages as configured.
         plan: The plan; until a measuring planner has decided (:attr:`planned`), the configured order.
 
+    A Trainer built in Python lists a :class:`~hft_lightning.callbacks.Report` after the curriculum (the command line
+    adds it itself): without one, ``fit`` trains but writes no report and exports no model.
+
     Example::
 
         from lightning.pytorch import Trainer
-        from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
+        from hft_lightning import Curriculum, HFTModule, Report, Stage, StagedDataModule
 
         data = StagedDataModule()
         curriculum = Curriculum([Stage("math", 100, {"math": 1.0}), Stage("all", 50, {"math": 1.0, "code": 1.0})])
-        Trainer(callbacks=[curriculum]).fit(HFTModule(data.tokenizer), datamodule=data)
+        Trainer(callbacks=[curriculum, Report()]).fit(HFTModule(data.tokenizer), datamodule=data)
     """
 
     def __init__(self, stages: Sequence[Stage] = DEFAULT_STAGES, planner: Planner | None = None):
@@ -111,7 +115,7 @@ class Curriculum(Callback):
             stages=tuple(stages),
             why=tuple(why[s.name] for s in stages),
             planner=type(self.planner).__name__,
-            settings=self._settings,
+            settings=copy.deepcopy(self._settings),  # a Plan is frozen: it shares no dict with the planner
             configured_order=tuple(s.name for s in self.configured),
             measurements=measurements or {},
             probe=probe,
@@ -211,6 +215,7 @@ class Curriculum(Callback):
         if stage != "fit":
             return
         check_callback_order(trainer.callbacks, self)
+        check_stage_hooks(trainer.callbacks)
         check_trainer(trainer)
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ability_names"):

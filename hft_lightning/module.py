@@ -6,7 +6,8 @@ optionally with LoRA adapters (:class:`~hft_lightning.lora.LoRA`), or the embedd
 model built from a config, trained from scratch.
 
 Evaluation runs greedy batched generation (KV cache) on each ability's validation split and scores it
-with that ability's scorer; the scores of the last validation are kept in :attr:`HFTModule.validation_scores`.
+with that ability's scorer; the scores of the validation that is ending are computed once, by whoever asks first
+(:meth:`HFTModule.validation_scores`): Lightning runs a callback's ``on_validation_epoch_end`` before the module's.
 The module is the model, its loss, generation and these scores: the accuracy matrix, the row before training,
 the report and the exported model belong to :class:`~hft_lightning.callbacks.Report`.
 """
@@ -35,7 +36,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.export import save_model
 from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
-from hft_lightning.plan import NO_PLAN, Plan
+from hft_lightning.plan import Plan, require_plan
 from hft_lightning.schedule import StageSchedule
 
 CHECKPOINT_FORMAT = 2
@@ -140,7 +141,7 @@ class HFTModule(pl.LightningModule):
         self.model = model if lora is None else lora.wrap(model)
         self.ability_names: list[str] = []
         self.ability_scores = nn.ModuleDict()
-        self.validation_scores: torch.Tensor | None = None
+        self._validation_scores: torch.Tensor | None = None
         self.plan: Plan | None = None
 
     def set_plan(self, plan: Plan) -> None:
@@ -235,10 +236,23 @@ class HFTModule(pl.LightningModule):
         for name, score in zip(self.ability_scores, scores, strict=True):
             self.log(f"{split}/{name}/score", score, add_dataloader_idx=False, sync_dist=True)
 
+    def validation_scores(self) -> torch.Tensor:
+        """Scores of every scored ability in the validation that is ending, computed on the first call of its end.
+
+        A callback (:class:`~hft_lightning.callbacks.Report`) reads them in its ``on_validation_epoch_end``, which
+        Lightning runs before the module's; later calls return the same scores until the next validation starts.
+        """
+        if self._validation_scores is None:
+            self._validation_scores = self.compute_scores()
+        return self._validation_scores
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._validation_scores = None
+
     @override
     def on_validation_epoch_end(self) -> None:
-        self.validation_scores = self.compute_scores()
-        self._log_scores("val", self.validation_scores)
+        self._log_scores("val", self.validation_scores())
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -266,18 +280,13 @@ class HFTModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
 
-    def _plan(self) -> Plan:
-        if self.plan is None:
-            raise ConfigError(f"HFTModule {NO_PLAN}")
-        return self.plan
-
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95)
         )
-        schedule = StageSchedule(self._plan().stage_steps, self.hparams.warmup_steps)
+        schedule = StageSchedule(require_plan(self.plan, "HFTModule").stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -6,8 +6,9 @@ it under DDP), it round-trips through :meth:`Plan.to_dict` / :meth:`Plan.from_di
 checkpoint) and it renders itself as a table for the terminal and for ``summary.md``.
 
 Whoever needs the plan (the datamodule, the learning-rate schedule, the report) implements :class:`FollowsPlan` and
-receives it from the :class:`~hft_lightning.Curriculum`; nothing looks it up. One epoch is one stage
-(:meth:`Plan.stage_index`). This module imports nothing else from the package, so every layer may import it.
+receives it from the :class:`~hft_lightning.Curriculum`; nothing looks it up, and each checks it was given one with
+:func:`require_plan`. One epoch is one stage (:meth:`Plan.stage_index`). This module imports nothing else from the
+package but its errors, so every layer may import it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from hft_lightning.errors import ConfigError
 
 
 @dataclass
@@ -47,8 +50,6 @@ trained from scratch on one narrow ability barely learns the next ones (benchmar
 ORDER_RULE = "single-ability stages are ordered by the planner; mixture stages keep their configured positions"
 MIXTURE_WHY = "mixture: keeps its configured position"
 UNPLANNED_WHY = "not planned yet: the planner measures the model at the start of fit"
-NO_PLAN = "has no plan: trainer.callbacks must contain exactly one hft_lightning.Curriculum"
-"""The end of the error a consumer raises when no curriculum pushed a plan to it."""
 
 
 def single_ability(stage: Stage) -> str | None:
@@ -177,14 +178,14 @@ class Plan:
         """The plan as markdown lines for ``summary.md``: who decided, then a table of the stages."""
         cost = f" (probe: {self.probe['examples']} examples, {self.probe['seconds']:.2f} s)" if self.probe else ""
         return [
-            f"Order decided by the **{_cell(self.planner)}** planner{cost}: {ORDER_RULE}; "
+            f"Order decided by the **{markdown_cell(self.planner)}** planner{cost}: {ORDER_RULE}; "
             "`plan.json` holds the measurements.",
             "",
             "| stage | mixture | steps | why |",
             "| --- | --- | ---: | --- |",
             *(
-                f"| {_cell(s.name)} | {_cell(', '.join(f'{a} {w:g}' for a, w in s.mixture.items()))} | {s.steps} | "
-                f"{_cell(why)} |"
+                f"| {markdown_cell(s.name)} | {markdown_cell(', '.join(f'{a} {w:g}' for a, w in s.mixture.items()))} "
+                f"| {s.steps} | {markdown_cell(why)} |"
                 for s, why in zip(self.stages, self.why, strict=True)
             ),
         ]
@@ -198,5 +199,20 @@ class FollowsPlan(Protocol):
         """Adopts ``plan``; called at setup and again once the plan is decided (a measuring planner, a resume)."""
 
 
-def _cell(text: str) -> str:
+def require_plan(plan: Plan | None, follower: str) -> Plan:
+    """The plan the curriculum pushed to ``follower`` (a class name), checked before ``follower`` uses it.
+
+    Raises:
+        ConfigError: Naming ``follower`` and ``trainer.callbacks``, if no curriculum pushed a plan.
+    """
+    if plan is None:
+        raise ConfigError(
+            f"{follower} has no plan: trainer.callbacks must contain exactly one hft_lightning.Curriculum, listed "
+            "before the callbacks that follow its plan"
+        )
+    return plan
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` escaped for a cell of a markdown table."""
     return text.replace("|", "\\|")

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from hft_lightning.plan import Plan
+from hft_lightning.plan import Plan, require_plan
 
 
 class StageProgressBar(TQDMProgressBar):
@@ -33,8 +33,7 @@ class StageProgressBar(TQDMProgressBar):
         self._describe(trainer)  # Lightning skips on_train_epoch_start in the epoch a run resumes in
 
     def _describe(self, trainer: pl.Trainer) -> None:
-        if self.plan is None:
-            return
-        index = self.plan.stage_index(trainer.current_epoch)
-        stage = self.plan.stages[index]
-        self.train_progress_bar.set_description(f"Stage {index + 1}/{len(self.plan.stages)} {stage.name}")
+        plan = require_plan(self.plan, "StageProgressBar")
+        index = plan.stage_index(trainer.current_epoch)
+        stage = plan.stages[index]
+        self.train_progress_bar.set_description(f"Stage {index + 1}/{len(plan.stages)} {stage.name}")

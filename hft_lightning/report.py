@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from hft_lightning.plan import Plan, single_ability
+from hft_lightning.plan import Plan, markdown_cell, single_ability
 
 DPI = 120
 
@@ -292,9 +292,9 @@ def _summary(plan: Plan, results: Results) -> str:
         "",
         "Score on each ability (columns) before training and after each stage (rows), in [0, 1].",
         "",
-        "| after | " + " | ".join(_cell(name) for name in results.abilities) + " |",
+        "| after | " + " | ".join(markdown_cell(name) for name in results.abilities) + " |",
         "| --- |" + " ---: |" * len(results.abilities),
-        *(f"| {_cell(label)} | " + " | ".join(_format(x) for x in row) + " |" for label, row in rows),
+        *(f"| {markdown_cell(label)} | " + " | ".join(_format(x) for x in row) + " |" for label, row in rows),
         "",
         "## Derived numbers",
         "",
@@ -311,7 +311,7 @@ def _summary(plan: Plan, results: Results) -> str:
         "",
         "| ability | forgetting |",
         "| --- | ---: |",
-        *(f"| {_cell(name)} | {_format(value)} |" for name, value in forgetting.items()),
+        *(f"| {markdown_cell(name)} | {_format(value)} |" for name, value in forgetting.items()),
         "",
         "## Figures",
         "",
@@ -325,7 +325,3 @@ def _summary(plan: Plan, results: Results) -> str:
 
 def _format(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")

@@ -137,6 +137,10 @@ trainer:
         (_stages("{name: m, steps: 5, mixture: {math: 0.0}}"), "weights are all zero"),
         (_stages("{name: m, steps: 5, mixture: {poetry: 1.0}}"), r"undeclared abilities \['poetry'\]; declared"),
         ("model:\n  warmup_steps: -1\n", r"model\.warmup_steps and model\.weight_decay must be >= 0"),
+        (
+            TINY_PLAN + "    - class_path: hft_lightning.Report\n",
+            r"trainer\.callbacks lists hft_lightning\.Report, which the command line adds itself",
+        ),
     ],
 )
 def test_config_mistakes_exit_with_one_clear_line_before_training(tmp_path, capsys, config, message):

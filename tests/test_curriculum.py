@@ -19,7 +19,7 @@ STAGES = [
 
 
 class Recorder(Callback):
-    """Records the stage hooks and the prompts each stage trains on."""
+    """Records the stage hooks (stage name, index in the plan, step) and the prompts each stage trains on."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -27,10 +27,10 @@ class Recorder(Callback):
         self.prompts = {}
 
     def on_stage_start(self, trainer, pl_module, stage, index):
-        self.events.append(("start", stage.name, trainer.global_step))
+        self.events.append(("start", stage.name, index, trainer.global_step))
 
     def on_stage_end(self, trainer, pl_module, stage, index):
-        self.events.append(("end", stage.name, trainer.global_step))
+        self.events.append(("end", stage.name, index, trainer.global_step))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         stage = Curriculum.of(trainer).current_stage.name
@@ -62,6 +62,22 @@ def test_undeclared_ability_is_rejected_before_training(tiny_data, tmp_path):
     assert trainer.global_step == 0
 
 
+class OldStageHooks(Callback):
+    def on_stage_start(self, trainer, pl_module, stage):
+        pass
+
+
+def test_a_stage_hook_without_the_index_is_refused_before_training(tiny_data, tmp_path):
+    trainer = make_trainer(tmp_path, [Curriculum(STAGES), OldStageHooks()])
+    message = (
+        r"OldStageHooks\.on_stage_start\(trainer, pl_module, stage\) cannot be called as "
+        r"on_stage_start\(trainer, pl_module, stage, index\)"
+    )
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
+    assert trainer.global_step == 0
+
+
 def test_a_curriculum_is_required(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"exactly one hft_lightning\.Curriculum"):
         make_trainer(tmp_path, []).fit(tiny_module(tiny_data), datamodule=tiny_data)
@@ -73,9 +89,9 @@ def test_stages_switch_data_and_announce_boundaries(tiny_data, tmp_path):
     trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
     assert trainer.global_step == 8
     assert recorder.events == [
-        ("start", "math", 0), ("end", "math", 3),
-        ("start", "code", 3), ("end", "code", 6),
-        ("start", "unified", 6), ("end", "unified", 8),
+        ("start", "math", 0, 0), ("end", "math", 0, 3),
+        ("start", "code", 1, 3), ("end", "code", 1, 6),
+        ("start", "unified", 2, 6), ("end", "unified", 2, 8),
     ]  # fmt: skip
     assert all("How many" in text for text in recorder.prompts["math"])
     assert all("Write a Python function" in text for text in recorder.prompts["code"])
@@ -169,8 +185,9 @@ def test_a_measured_plan_is_decided_at_fit_start_and_everything_follows_it(tiny_
     module = tiny_module(tiny_data)
     trainer.fit(module, datamodule=tiny_data)
     assert [s.name for s in curriculum.plan.stages] == ["warmup", "code", "math"] and curriculum.planner.calls == 1
-    assert [e for e in recorder.events if e[0] == "start"] == [("start", "warmup", 0), ("start", "code", 2),
-                                                                ("start", "math", 5)]  # fmt: skip
+    # the indices are the stages' places in the planned order, not in the configured one
+    assert [e for e in recorder.events if e[0] == "start"] == [("start", "warmup", 0, 0), ("start", "code", 1, 2),
+                                                                ("start", "math", 2, 5)]  # fmt: skip
     assert all("Write a Python function" in text for text in recorder.prompts["code"])
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].starts == [0, 2, 5, 6]  # the planned lengths
     assert report.accuracy_matrix.learned_at == (0, 1, 0)  # math and general in warmup, code in the planned stage 1
@@ -225,6 +242,15 @@ def test_a_restored_plan_wins_over_another_planner_or_settings_in_the_config(con
         curriculum.load_state_dict(saved)
     assert [s.name for s in curriculum.plan.stages] == ["code", "math"]
     assert curriculum.plan.planner == "Prerequisites" and curriculum.plan.why[1] == "builds on code"
+    assert curriculum.plan.settings == {"prerequisites": {"math": ["code"]}}
+
+
+def test_each_plan_owns_its_settings():
+    stages = [Stage("math", 1, {"math": 1.0}), Stage("code", 1, {"code": 1.0})]
+    curriculum = Curriculum(stages, planner=Prerequisites({"math": ["code"]}))
+    curriculum.plan.settings["prerequisites"]["math"].append("general")
+    assert curriculum.planner.settings() == {"prerequisites": {"math": ["code"]}}
+    curriculum.load_state_dict(Curriculum(stages, planner=Prerequisites({"math": ["code"]})).state_dict())
     assert curriculum.plan.settings == {"prerequisites": {"math": ["code"]}}
 
 

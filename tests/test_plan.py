@@ -1,7 +1,14 @@
+import copy
 import json
 import pickle
 
+import pytest
+from lightning.pytorch import Trainer
+
+from hft_lightning import Report, StageProgressBar
+from hft_lightning.errors import ConfigError
 from hft_lightning.plan import DEFAULT_STAGES, ORDER_RULE, Plan, Stage, arrange
+from tests.helpers import tiny_module
 
 STAGES = (
     Stage("warmup", 2, {"math": 1.0, "code": 1.0}),
@@ -49,3 +56,21 @@ def test_the_terminal_and_markdown_tables_show_every_stage_and_why():
 def test_arrange_orders_single_ability_stages_and_keeps_mixtures_in_place():
     names = [s.name for s in arrange(DEFAULT_STAGES, ["general", "math", "code"])]
     assert names == ["foundation", "general", "math", "code", "unified"]
+
+
+def test_every_follower_refuses_to_run_without_a_plan(tiny_data, tmp_path):
+    data = copy.copy(tiny_data)  # the session's datamodule may hold another test's plan
+    data.plan = None
+    module = tiny_module(data)
+    bar = StageProgressBar()
+    trainer = Trainer(callbacks=[bar], logger=False, accelerator="cpu", default_root_dir=tmp_path)
+    bar.setup(trainer, module, "fit")
+    runs = {
+        "StagedDataModule": lambda: data.stage_sampler(0),
+        "HFTModule": module.configure_optimizers,
+        "Report": lambda: Report().setup(trainer, module, "fit"),
+        "StageProgressBar": lambda: bar.on_train_start(trainer, module),
+    }
+    for follower, run in runs.items():
+        with pytest.raises(ConfigError, match=rf"^{follower} has no plan: trainer\.callbacks must contain exactly one"):
+            run()

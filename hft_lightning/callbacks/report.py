@@ -1,17 +1,20 @@
 """The report of a fit: the accuracy matrix, the row before training, the report folder and the exported model.
 
-The module scores every ability at every validation (:attr:`~hft_lightning.HFTModule.validation_scores`); this
+The module scores every ability at every validation (:meth:`~hft_lightning.HFTModule.validation_scores`); this
 callback keeps those scores as rows of an :class:`~hft_lightning.metrics.AccuracyMatrix`, shaped by the
 :class:`~hft_lightning.plan.Plan` the curriculum pushes to it (:meth:`Report.set_plan`): one row per stage, and row 0
 for the model before training. The matrix is this callback's checkpoint state, so a resumed run keeps the rows of
-the stages it has already finished.
+the stages it has already finished. After each validation of ``fit`` it logs the continual-learning metrics of the
+matrix, ``cl/average_accuracy``, ``cl/bwt`` and ``cl/fwt``, so ``ModelCheckpoint`` and ``EarlyStopping`` can monitor
+them.
 
 The row before training is measured once, at the start of training: a resumed run keeps the rows it checkpointed,
 and a run resumed exactly at a stage boundary measures the row whose validation Lightning skips on such a restart.
 At the end of ``fit`` the report is written to ``<default_root_dir>/report``
 (:func:`~hft_lightning.report.write_report`) and the model with its tokenizer to ``<default_root_dir>/model``
 (:meth:`~hft_lightning.HFTModule.save_pretrained`).
-The command line always adds this callback; a Trainer built in Python lists it after the curriculum.
+The command line always adds this callback; a Trainer built in Python lists it after the curriculum (without it, a
+fit writes no report and exports nothing).
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hft_lightning.errors import ConfigError
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
-from hft_lightning.plan import NO_PLAN, Plan
+from hft_lightning.plan import Plan, require_plan
 from hft_lightning.report import Results, write_report
 
 
 class Report(Callback):
     """Keeps the accuracy matrix of a fit, writes the report and exports the fine-tuned model.
+
+    The command line adds it to every run; a Trainer built in Python must list it, after the
+    :class:`~hft_lightning.Curriculum`, or ``fit`` writes no report and exports no model.
 
     Example::
 
@@ -56,8 +61,7 @@ class Report(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.plan is None:
-            raise ConfigError(f"Report {NO_PLAN}, listed before the Report")
+        require_plan(self.plan, "Report")
         self.abilities = trainer.datamodule.ability_names
         # An ability with no scorer (validation loss only) is left out of the accuracy matrix.
         scored = [a.name for a in trainer.datamodule.abilities if a.scorer is not None]
@@ -96,14 +100,15 @@ class Report(Callback):
             logger.log_metrics(metrics, step=step)
 
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self.accuracy_matrix.update(trainer.current_epoch + 1, pl_module.validation_scores)
+        self.accuracy_matrix.update(trainer.current_epoch + 1, pl_module.validation_scores())
         derived = self.accuracy_matrix.compute()
-        metrics = {f"cl/{key}": derived[key].item() for key in ("average_accuracy", "bwt", "fwt")}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        # Logged here, not in on_validation_end, so they reach trainer.callback_metrics before any callback's
+        # on_validation_end (ModelCheckpoint, EarlyStopping) reads it.
+        for key in ("average_accuracy", "bwt", "fwt"):
+            pl_module.log(f"cl/{key}", derived[key], sync_dist=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,27 +2,26 @@
 
 ``builtin:math``, ``builtin:code`` and ``builtin:general`` (see their modules for what each contains) are parsed into
 a :class:`BuiltinSource`, which loads an :class:`~hft_lightning.data.ability.Ability` the way a file
-:class:`~hft_lightning.data.source.AbilitySource` does, scored by a scorer of the same registry
-(:func:`hft_lightning.scoring.build_scorer`).
+:class:`~hft_lightning.data.source.AbilitySource` does, scored by the scorers file abilities use
+(:mod:`hft_lightning.scoring`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from hft_lightning.data import builtin_code, builtin_general, builtin_math
 from hft_lightning.data.ability import Ability, Generator, split_generated
 from hft_lightning.errors import ConfigError
-from hft_lightning.scoring import ScorerName, build_scorer
+from hft_lightning.scoring import ExactMatch, Scorer, code_exec, follows_instructions
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_ABILITIES: dict[str, tuple[Generator, ScorerName, re.Pattern[str] | None]] = {
-    "math": (builtin_math.generate, "exact_match", builtin_math.ANSWER_PATTERN),
-    "code": (builtin_code.generate, "code_exec", None),
-    "general": (builtin_general.generate, "instructions", None),
+BUILTIN_ABILITIES: dict[str, tuple[Generator, Scorer]] = {
+    "math": (builtin_math.generate, ExactMatch(builtin_math.ANSWER_PATTERN, normalize=int)),
+    "code": (builtin_code.generate, code_exec),
+    "general": (builtin_general.generate, follows_instructions),
 }
-"""Name -> the generator, the scorer and its answer pattern."""
+"""Name -> the generator and the scorer."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +57,11 @@ class BuiltinSource:
             seed: Generation seed; each ability offsets it by its index among the built-in names, so abilities
                 draw independently.
         """
-        generate, scorer, pattern = BUILTIN_ABILITIES[self.name]
+        generate, scorer = BUILTIN_ABILITIES[self.name]
         ability_seed = seed * 1000 + sorted(BUILTIN_ABILITIES).index(self.name)
         count = DEFAULT_NUM_TRAIN if num_train is None else num_train
         train, val = split_generated(self.name, generate, count, num_val, ability_seed)
-        return Ability(name=self.name, train=train, val=val, scorer=build_scorer(scorer, pattern))
+        return Ability(name=self.name, train=train, val=val, scorer=scorer)
 
 
 DEFAULT_NUM_TRAIN = 4000

@@ -2,8 +2,8 @@
 
 Problems use small operands (addition, subtraction with a non-negative result, multiplication),
 wrapped in a few story templates. The response shows the computation, then ``Answer: <n>``; a generation
-is correct when the number on its last ``Answer:`` line equals the reference (``exact_match`` with
-:data:`ANSWER_PATTERN`, GSM8K style).
+is correct when the integer on its last ``Answer:`` line equals the reference (``exact_match`` with
+:data:`ANSWER_PATTERN`, compared as integers, GSM8K style).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from hft_lightning.data.sft import SFTCollator, SFTDataset
 from hft_lightning.data.source import AbilitySource
 from hft_lightning.data.tokenizer import build_tokenizer, load_tokenizer
 from hft_lightning.errors import ConfigError
-from hft_lightning.plan import NO_PLAN, Plan
+from hft_lightning.plan import Plan, require_plan
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
 MIN_VOCAB_SIZE = 261
@@ -115,11 +115,6 @@ class StagedDataModule(pl.LightningDataModule):
         """Trains the stages of ``plan`` (pushed by the curriculum)."""
         self.plan = plan
 
-    def _stages(self) -> Plan:
-        if self.plan is None:
-            raise ConfigError(f"StagedDataModule {NO_PLAN}")
-        return self.plan
-
     def _dataset(self, ability: Ability, split: str) -> SFTDataset:
         examples = ability.train if split == "train" else ability.val
         name = f"data.abilities[{ability.name!r}].{split}"
@@ -132,7 +127,7 @@ class StagedDataModule(pl.LightningDataModule):
 
     def stage_sampler(self, index: int, start_batch: int = 0) -> StageBatchSampler:
         """The deterministic batch order of stage ``index``, starting at batch ``start_batch``."""
-        stage = self._stages().stages[index]
+        stage = require_plan(self.plan, "StagedDataModule").stages[index]
         return StageBatchSampler(
             dataset_sizes=[len(a.train) for a in self.abilities],
             weights=[stage.mixture.get(name, 0.0) for name in self.ability_names],
@@ -164,7 +159,7 @@ class StagedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches of the current stage, resuming at the right batch after a checkpoint restore."""
-        plan = self._stages()
+        plan = require_plan(self.plan, "StagedDataModule")
         index = plan.stage_index(self.trainer.current_epoch)
         start_batch = (self.trainer.global_step - plan.steps_before(index)) * self.trainer.accumulate_grad_batches
         dataset = ConcatDataset(self._train_sets)

@@ -7,8 +7,9 @@ one at its boundary) is the one that counts. Rows not yet recorded are NaN, whic
 far the curriculum has got: the "final" row is the last recorded stage row, so the derived numbers are
 meaningful mid-run as well as at the end.
 
-The state is registered ``persistent=True``: it lives in the LightningModule's ``state_dict``, so a checkpoint
-carries the matrix and a resumed run keeps the rows of the stages it has already finished.
+The :class:`~hft_lightning.callbacks.Report` callback owns the metric and saves its matrix in the callback's own
+checkpoint state (``Report.state_dict``), so a checkpoint carries the matrix and a resumed run keeps the rows of the
+stages it has already finished.
 
 Under DDP every rank is expected to pass the same, already globally reduced, scores (the per-ability scorers sync
 themselves). The state is reduced with ``"max"`` over ranks: exact for identical inputs, where ``"mean"`` of n

@@ -37,7 +37,7 @@ class AGEM(RetentionCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[Curriculum(), AGEM(memory_size=64, batch_size=32, ref_every=10)])
+        trainer = Trainer(callbacks=[Curriculum(), AGEM(memory_size=64, batch_size=32, ref_every=10), Report()])
     """
 
     def __init__(self, memory_size: int = 64, batch_size: int = 32, ref_every: int = 1):

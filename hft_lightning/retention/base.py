@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import Plan, Stage
-from hft_lightning.retention.contracts import HasLoss, StageData
+from hft_lightning.retention.contracts import HasLoss, StageData, missing_members
 from hft_lightning.retention.parameters import trainable
 
 
@@ -63,10 +63,15 @@ class RetentionCallback(Callback):
                 f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
                 "(its state is not sharded); use a single device or strategy=ddp"
             )
-        if stage == "fit" and not isinstance(trainer.datamodule, StageData):
-            raise ConfigError(f"{name} needs a datamodule with seed, tokenizer, stage_stream and collate (StageData)")
-        if stage == "fit" and not isinstance(pl_module, HasLoss):
-            raise ConfigError(f"{name} needs a module with sft_loss(batch) (HasLoss)")
+        if stage != "fit":
+            return
+        for role, given, protocol in (("datamodule", trainer.datamodule, StageData), ("module", pl_module, HasLoss)):
+            missing = missing_members(given, protocol)
+            if missing:
+                raise ConfigError(
+                    f"{name} needs a {role} that provides {protocol.__name__}; {type(given).__name__} has no "
+                    f"{', '.join(missing)}"
+                )
 
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, index: int) -> None:
         """Consolidates the finished stage ``index``, unless it is the last one (nothing trains after it)."""

@@ -3,8 +3,8 @@
 Retention computes loss gradients on remembered examples (the module's loss) and rebuilds those examples from
 references ``(ability, index)``: it replays the exact stream a stage trained on (the datamodule's stage stream and
 seed) and collates remembered examples into batches. :class:`~hft_lightning.HFTModule` and
-:class:`~hft_lightning.StagedDataModule` are the implementations; the retention callbacks check the datamodule in
-``setup``.
+:class:`~hft_lightning.StagedDataModule` are the implementations; the retention callbacks check both in ``setup``
+and name the members one lacks (:func:`missing_members`).
 """
 
 from __future__ import annotations
@@ -36,3 +36,9 @@ class StageData(Protocol):
 
     def collate(self, examples: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """A training batch of the given examples."""
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The attributes and methods of ``protocol`` that ``obj`` lacks, in the order the protocol declares them."""
+    methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
+    return [name for name in [*getattr(protocol, "__annotations__", {}), *methods] if not hasattr(obj, name)]

@@ -36,7 +36,7 @@ class EWC(RetentionCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[Curriculum(), EWC(lam=1000.0)])
+        trainer = Trainer(callbacks=[Curriculum(), EWC(lam=1000.0), Report()])
     """
 
     def __init__(self, lam: float = 1000.0, fisher_samples: int = 64):

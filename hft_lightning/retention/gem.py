@@ -40,7 +40,7 @@ class GEM(RetentionCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[Curriculum(), GEM(memory_size=32)])
+        trainer = Trainer(callbacks=[Curriculum(), GEM(memory_size=32), Report()])
     """
 
     def __init__(self, memory_size: int = 32, ref_every: int = 1, batch_size: int = 32):

@@ -33,7 +33,7 @@ class OnlineEWC(RetentionCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[Curriculum(), OnlineEWC(lam=1000.0, gamma=0.9)])
+        trainer = Trainer(callbacks=[Curriculum(), OnlineEWC(lam=1000.0, gamma=0.9), Report()])
     """
 
     def __init__(self, lam: float = 1000.0, gamma: float = 0.9, fisher_samples: int = 64):

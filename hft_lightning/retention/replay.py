@@ -32,7 +32,7 @@ class Replay(RetentionCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[Curriculum(), Replay(memory_size=256, ratio=0.25)])
+        trainer = Trainer(callbacks=[Curriculum(), Replay(memory_size=256, ratio=0.25), Report()])
     """
 
     def __init__(self, memory_size: int = 256, ratio: float = 0.25):

@@ -1,7 +1,7 @@
 """Scoring generations: the scorers of every ability, and the sandbox that runs generated code.
 
-One registry (:func:`build_scorer`) serves the built-in abilities and the abilities read from files. The sandbox
-itself is :mod:`hft_lightning.sandbox`.
+The same scorers judge the built-in abilities and the abilities read from files (which name theirs, see
+:func:`build_scorer`). The sandbox itself is :mod:`hft_lightning.sandbox`.
 """
 
 from hft_lightning.scoring.scorers import (

@@ -3,7 +3,8 @@ r"""The scorers every ability is judged by, built-in or from files, chosen by na
 - ``exact_match``: the answer extracted from the generation equals the example's reference answer.
   ``answer_pattern`` is a regular expression whose first group is the answer, taken from its last match (the
   final answer, GSM8K style: ``'#### (\S+)'``; ``builtin:math`` uses ``'Answer:\s*(-?\d+)'``); without one the
-  answer is the whole stripped text.
+  answer is the whole stripped text. ``builtin:math`` also compares both answers as integers, so ``Answer: 05``
+  matches the reference ``5``.
 - ``contains``: the reference answer appears in the generation.
 - ``code_exec``: the generated program passes the example's unit tests, run in the sandbox
   (:func:`hft_lightning.sandbox.run_tests`), never in the training process. A generation wrapped in a
@@ -56,16 +57,26 @@ class ExactMatch:
 
     Args:
         pattern: Extracts the answer (see :func:`extract_answer`); None compares the whole stripped texts.
+        normalize: Applied to the extracted and the reference answer before they are compared (``int`` compares
+            numbers, so ``"05"`` equals ``"5"``); None compares the texts. It must accept whatever ``pattern``'s
+            first group can match.
     """
 
-    def __init__(self, pattern: re.Pattern[str] | None = None):
+    def __init__(self, pattern: re.Pattern[str] | None = None, normalize: Callable[[str], object] | None = None):
         self.pattern = pattern
+        self.normalize = normalize
 
     def __call__(self, predictions: Sequence[str], examples: Sequence[Example]) -> list[bool]:
         """Scores one batch."""
         return [
-            extract_answer(p, self.pattern) == e.reference["answer"] for p, e in zip(predictions, examples, strict=True)
+            self._matches(extract_answer(p, self.pattern), e.reference["answer"])
+            for p, e in zip(predictions, examples, strict=True)
         ]
+
+    def _matches(self, answer: str | None, reference: str) -> bool:
+        if answer is None or self.normalize is None:
+            return answer == reference
+        return self.normalize(answer) == self.normalize(reference)
 
 
 def contains(predictions: Sequence[str], examples: Sequence[Example]) -> list[bool]:

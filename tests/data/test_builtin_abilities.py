@@ -47,6 +47,13 @@ def test_math_scores_the_last_final_answer_line():
     assert score(["Answer: -3"], [Example("Q", "", {"answer": "-3"})]) == [True]
 
 
+def test_math_compares_answers_as_integers():
+    score = scorer("math")
+    assert score(["Answer: 05"], [Example("Q", "", {"answer": "5"})]) == [True]
+    assert score(["Answer: -0"], [Example("Q", "", {"answer": "0"})]) == [True]
+    assert score(["Answer: 50"], [Example("Q", "", {"answer": "5"})]) == [False]
+
+
 def test_code_scores_by_executing_the_tests():
     example = Example("Q", "", {"tests": ["assert get_value(2) == 5", "assert get_value(-3) == 0"]})
     right = "def get_value(x):\n    return x + 3"

@@ -131,8 +131,10 @@ def test_the_gradient_edit_runs_once_per_optimizer_step_on_the_accumulated_gradi
 
 
 def test_retention_names_what_it_needs_from_the_datamodule_and_the_module(tiny_data):
-    with pytest.raises(ConfigError, match=r"EWC needs a datamodule with seed, tokenizer, stage_stream and collate"):
-        EWC().setup(SimpleNamespace(strategy=None, datamodule=object()), tiny_module(tiny_data), "fit")
-    with pytest.raises(ConfigError, match=r"EWC needs a module with sft_loss"):
+    partial = SimpleNamespace(seed=0, tokenizer=tiny_data.tokenizer)
+    message = r"EWC needs a datamodule that provides StageData; SimpleNamespace has no stage_stream, collate$"
+    with pytest.raises(ConfigError, match=message):
+        EWC().setup(SimpleNamespace(strategy=None, datamodule=partial), tiny_module(tiny_data), "fit")
+    with pytest.raises(ConfigError, match=r"EWC needs a module that provides HasLoss; Module has no sft_loss$"):
         EWC().setup(SimpleNamespace(strategy=None, datamodule=tiny_data), torch.nn.Module(), "fit")
     EWC().setup(SimpleNamespace(strategy=None, datamodule=tiny_data), tiny_module(tiny_data), "fit")

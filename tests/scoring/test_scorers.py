@@ -32,6 +32,12 @@ def test_exact_match_compares_extracted_answers():
     assert ExactMatch()([" 7\n", "7.", "#### 7"], examples) == [True, False, False]
 
 
+def test_exact_match_normalizes_both_answers_before_comparing():
+    examples = [_answer("7")] * 3
+    assert ExactMatch(GSM8K, normalize=int)(["#### 07", "#### 8", "no answer"], examples) == [True, False, False]
+    assert ExactMatch(GSM8K)(["#### 07"], examples[:1]) == [False]
+
+
 def test_contains_looks_for_the_reference_answer_in_the_generation():
     assert contains(["The capital is Paris.", "paris", "Rome"], [_answer("Paris")] * 3) == [True, False, False]
 
