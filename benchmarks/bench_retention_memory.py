@@ -64,14 +64,15 @@ def train(method: str, hidden_size: int, num_layers: int, device: str, precision
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     trainable = [p for p in module.parameters() if p.requires_grad]
+    trained_on = torch.device(device)  # not module.device: the module is back on the CPU after fit
     return {
         "method": method,
-        "device": device_name(torch.device(device)),  # not module.device: the module is back on the CPU after fit
+        "device": device_name(trained_on),
         "date": datetime.date.today().isoformat(),
         "params": sum(p.numel() for p in trainable),
         "precision": precision,
         "param_bytes": sum(p.numel() * p.element_size() for p in trainable),
-        "peak_bytes": peak_bytes(torch.device(device)),
+        "peak_bytes": peak_bytes(trained_on),
         "state_bytes": sum(state_bytes(c.state_dict()) for c in callbacks),
     }
 

@@ -71,8 +71,10 @@ class StepTimer(Callback):
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: D102
+    def on_train_start(self, trainer, pl_module):  # noqa: D102
         self.device = device_name(pl_module.device)  # the module is back on the CPU after fit
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: D102
         self._start = self._now(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
