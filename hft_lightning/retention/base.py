@@ -45,6 +45,18 @@ class RetentionCallback(Callback):
     def __init__(self, **identity: Any):
         self._identity = identity
         self.plan: Plan | None = None
+        self.strength_scale = 1.0
+
+    def strengthen(self, factor: float) -> None:
+        """Multiplies the method's strength, its one knob (EWC's ``lam``, Replay's ``ratio``), by ``factor``.
+
+        A method reads its knob as ``knob * strength_scale``; a method without a knob (GEM's projection) ignores it.
+        :class:`~hft_lightning.retention.ForgettingBudget` strengthens every retention callback when an ability falls
+        out of its budget, and keeps the scale in its own checkpoint state.
+        """
+        if not factor > 0:
+            raise ValueError(f"{type(self).__name__}.strengthen(factor={factor}): factor must be > 0")
+        self.strength_scale *= factor
 
     def set_plan(self, plan: Plan) -> None:
         """Follows ``plan`` (pushed by the curriculum): which stage is the last, which stage an epoch trains."""
