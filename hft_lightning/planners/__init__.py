@@ -15,6 +15,6 @@ from hft_lightning.planners.base import Decision, Planner
 from hft_lightning.planners.difficulty import Difficulty
 from hft_lightning.planners.explicit import Explicit
 from hft_lightning.planners.prerequisites import Prerequisites
-from hft_lightning.planners.probe import Probe
+from hft_lightning.probe import Probe
 
 __all__ = ["Affinity", "Decision", "Difficulty", "Explicit", "Planner", "Prerequisites", "Probe"]

@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from hft_kernels import gem_dots
 from hft_lightning.planners.base import Decision, Planner, PrerequisiteMap, check_budget, ready
-from hft_lightning.planners.probe import Probe
+from hft_lightning.probe import Probe
 
 EXACT_SEARCH_MAX = 8
 """Up to this many single-ability stages every allowed order is tried; above it, the greedy chain."""

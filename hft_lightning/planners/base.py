@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from hft_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
-    from hft_lightning.planners.probe import Probe
+    from hft_lightning.probe import Probe
 
 PrerequisiteMap = Mapping[str, Sequence[str]]
 """Ability -> the abilities it builds on, which must be trained before it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing_extensions import override
 
 from hft_lightning.planners.base import Decision, Planner, check_budget, topological_order
-from hft_lightning.planners.probe import Probe
+from hft_lightning.probe import Probe
 
 
 class Difficulty(Planner):

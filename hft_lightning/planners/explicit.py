@@ -8,7 +8,7 @@ from typing import Any
 from typing_extensions import override
 
 from hft_lightning.planners.base import Decision, Planner
-from hft_lightning.planners.probe import Probe
+from hft_lightning.probe import Probe
 
 
 class Explicit(Planner):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing_extensions import override
 
 from hft_lightning.planners.base import Decision, Planner, topological_order
-from hft_lightning.planners.probe import Probe
+from hft_lightning.probe import Probe
 
 
 class Prerequisites(Planner):

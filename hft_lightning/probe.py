@@ -1,13 +1,15 @@
-"""Measurements of the model before training, on a small held-out sample of each ability.
+"""Measurements of the model on a small, fixed, held-out sample of each ability.
 
-A measured planner sees each ability through a :class:`Probe`: the validation loss per response token (how hard the
-ability is for the base model) and the gradient of that loss (where training on it would move the weights). The
-sample is ``examples`` validation examples drawn with a generator seeded by ``data.seed``, so the same model gives
-the same measurements on every run; nothing draws from the global random state, so training after the probe is
-the same as without it. Losses are taken under ``torch.no_grad``, the model in eval mode; gradients come from
-``torch.autograd.grad``, so ``p.grad`` is never touched (the same quantity as
-:func:`hft_lightning.retention.gradients.loss_gradient`, on held-out examples, with no trainer needed, which lets
-``fit --plan_only`` measure before any trainer is attached).
+A measured planner sees each ability through a :class:`Probe` before training: the validation loss per response
+token (how hard the ability is for the base model) and the gradient of that loss (where training on it would move
+the weights). Retention sees abilities through it during training: the score of greedy generations under the
+ability's scorer (:meth:`Probe.score`), as validation scores them. The sample of an ability is its first
+``examples`` validation examples in an order drawn with ``derive_seed(data.seed, "probe", ability)``, so the same
+model gives the same measurements on every run, and a larger sample contains a smaller one; nothing draws from the
+global random state, so training after a probe is the same as without it. Every measurement runs in eval mode;
+losses and scores under ``torch.no_grad``, gradients through ``torch.autograd.grad``, so ``p.grad`` is never touched
+(the same quantity as :func:`hft_lightning.retention.gradients.loss_gradient`, on held-out examples, with no trainer
+needed, which lets ``fit --plan_only`` measure before any trainer is attached).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from hft_lightning.data.sft import trained_tokens
 from hft_lightning.errors import ConfigError
+from hft_lightning.seeds import derive_seed
 
 
 class Probe:
@@ -55,7 +58,7 @@ class Probe:
     def batches(self, ability: str, examples: int, batch_size: int) -> Iterator[dict[str, Any]]:
         """Batches of a seeded sample of ``examples`` validation examples of ``ability``, on the module's device."""
         loader = self.datamodule.val_dataloader()[self.datamodule.ability_names.index(ability)]
-        generator = torch.Generator().manual_seed(self.datamodule.seed)
+        generator = torch.Generator().manual_seed(derive_seed(self.datamodule.seed, "probe", ability))
         sample = torch.randperm(len(loader.dataset), generator=generator)[:examples].tolist()
         for start in range(0, len(sample), batch_size):
             batch = loader.collate_fn([loader.dataset[i] for i in sample[start : start + batch_size]])
@@ -79,6 +82,26 @@ class Probe:
                 measured += len(batch["input_ids"])
         self._require_tokens(ability, tokens, measured)
         return total / tokens
+
+    @torch.no_grad()
+    def score(self, ability: str, examples: int, batch_size: int) -> float:
+        """Share of the sample of ``ability`` whose greedy generation its scorer judges correct, in [0, 1].
+
+        Every process scores the whole sample (no collective), so under DDP every rank gets the same score.
+
+        Raises:
+            ConfigError: If ``ability`` has no scorer (it is followed through its validation loss only).
+        """
+        scorer = self.datamodule.abilities[self.datamodule.ability_names.index(ability)].scorer
+        if scorer is None:
+            raise ConfigError(f"data.abilities[{ability!r}] has scorer 'none': it cannot be probed by its score")
+        verdicts: list[bool] = []
+        with self._eval_mode():
+            for batch in self.batches(ability, examples, batch_size):
+                with self.context():
+                    predictions = self.module.generate(batch["prompt_ids"], batch["prompt_attention_mask"])
+                verdicts.extend(scorer(predictions, batch["examples"]))
+        return sum(verdicts) / max(len(verdicts), 1)
 
     def gradient(self, ability: str, examples: int, batch_size: int) -> list[torch.Tensor]:
         """The gradient of the loss on the sample of ``ability``, fp32, one tensor per trainable parameter.
