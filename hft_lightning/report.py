@@ -10,6 +10,9 @@ package, so they are rendered as they are, not checked again) into a folder a pe
 - ``accuracy_matrix.png``: the matrix as a heatmap, colour scale fixed to [0, 1] so two reports compare by eye.
 - ``ability_curves.png``: one line per ability across the stages, the stretch each stage trains shaded.
 - ``summary.md``: the plan, the matrix and the derived numbers as markdown, with both images embedded.
+- One :class:`Section` per callback that contributes one (the forgetting budget's live scores, weight averaging's
+  choices): its data under its key in ``metrics.json``, its markdown at the end of ``summary.md``, its figures as
+  ``<name>.png``.
 
 ``write_plan`` writes what is known before training, when the curriculum has decided its order: ``plan.json`` (the
 stages in training order, why each is where it is, what the planner measured and what the measurement cost) and,
@@ -31,7 +34,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +73,35 @@ class Results:
     fwt: float
 
 
-def write_report(directory: str | Path, plan: Plan, results: Results) -> Path:
+@dataclass(frozen=True)
+class Section:
+    """A part of the report contributed by a callback (:class:`~hft_lightning.callbacks.report.ContributesToReport`).
+
+    Attributes:
+        key: Its key in ``metrics.json`` (not one of the report's own keys) and the stem of its figures' names.
+        data: What ``metrics.json`` holds under ``key``: JSON values only (NaN is written as ``null``).
+        markdown: Lines appended to ``summary.md``, starting with a ``## `` heading; a figure named ``name`` is
+            embedded as ``![...](<key>_<name>.png)``.
+        figures: Figure name -> figure, written as ``<key>_<name>.png``.
+    """
+
+    key: str
+    data: dict[str, Any]
+    markdown: list[str]
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+
+def write_report(directory: str | Path, plan: Plan, results: Results, sections: Sequence[Section] = ()) -> Path:
     """Write ``metrics.json``, ``accuracy_matrix.png``, ``ability_curves.png`` and ``summary.md`` into a folder.
 
     Args:
         directory: The report folder, created if needed; files of an earlier report in it are replaced.
         plan: The plan that ran; ``results.accuracy_matrix`` has one row per stage.
         results: The scores and the numbers derived from them.
+        sections: Parts contributed by callbacks, in the order given.
+
+    Raises:
+        ValueError: If a section's key is one of the report's own keys or another section's.
 
     Returns:
         The report folder.
@@ -96,13 +121,20 @@ def write_report(directory: str | Path, plan: Plan, results: Results) -> Path:
             for s, why in zip(plan.stages, plan.why, strict=True)
         ],
     }
+    for section in sections:
+        if section.key in metrics:
+            raise ValueError(f"report section {section.key!r}: metrics.json already has a key {section.key!r}")
+        metrics[section.key] = _json_values(section.data)
     rows = ["before", *stage_names]
     files = {  # insertion order is write order: metrics.json last
         "accuracy_matrix.png": _png(
             _heatmap(ACCURACY, [results.before, *results.accuracy_matrix], rows, results.abilities)
         ),
         "ability_curves.png": _png(_curves(plan, results)),
-        "summary.md": _summary(plan, results).encode(),
+        **{f"{s.key}_{name}.png": _png(figure) for s in sections for name, figure in s.figures.items()},
+        "summary.md": "\n".join(
+            [_summary(plan, results), *(line for s in sections for line in [*s.markdown, ""])]
+        ).encode(),
         "metrics.json": (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode(),
     }
     directory = Path(directory)
@@ -139,6 +171,17 @@ def write_plan(directory: str | Path, plan: Plan) -> Path:
 
 def _json_number(x: float) -> float | None:
     return None if math.isnan(x) else x
+
+
+def _json_values(value: Any) -> Any:
+    """``value`` with every NaN float, at any depth of dicts and lists, written as ``None``."""
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, dict):
+        return {key: _json_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_values(item) for item in value]
+    return value
 
 
 def _replace_atomically(path: Path, content: bytes) -> None:

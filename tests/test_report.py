@@ -10,7 +10,7 @@ import torch
 import hft_lightning.report as report_module
 from hft_lightning.metrics import AccuracyMatrix
 from hft_lightning.plan import Plan, Stage
-from hft_lightning.report import Results, write_plan, write_report
+from hft_lightning.report import Results, Section, write_plan, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FILES = {"metrics.json", "accuracy_matrix.png", "ability_curves.png", "summary.md"}
@@ -210,3 +210,26 @@ def test_the_plan_is_saved_with_its_affinity_heatmap_and_summarised(tmp_path):
     assert "![Gradient affinity](affinity.png)" in summary
     write_plan(tmp_path, PLAN)  # a plan without affinity removes the stale heatmap
     assert not (tmp_path / "affinity.png").exists()
+
+
+def test_a_section_adds_its_key_markdown_and_figures(tmp_path):
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    figure.add_subplot().plot([0, 1], [1, 0])
+    section = Section(
+        "live", {"steps": [10, 20], "scores": {"math": [0.5, math.nan]}}, ["## Live", "", "text"], {"curves": figure}
+    )
+    directory = write_report(tmp_path, PLAN, Results(ABILITIES, BEFORE, MATRIX, **DERIVED), [section])
+    assert {path.name for path in directory.iterdir()} == FILES | {"live_curves.png"}
+    assert (directory / "live_curves.png").read_bytes().startswith(PNG_MAGIC)
+    assert load_metrics(directory)["live"] == {"steps": [10, 20], "scores": {"math": [0.5, None]}}
+    assert (directory / "summary.md").read_text().endswith("## Live\n\ntext\n")
+
+
+@pytest.mark.parametrize("key", ["forgetting", "live"])
+def test_a_section_cannot_take_a_key_already_written(tmp_path, key):
+    sections = [Section("live", {}, []), Section(key, {}, [])]
+    with pytest.raises(ValueError, match=f"report section '{key}': metrics.json already has a key '{key}'"):
+        write_report(tmp_path, PLAN, Results(ABILITIES, BEFORE, MATRIX, **DERIVED), sections)
+    assert not (tmp_path / "metrics.json").exists()  # refused before anything is written

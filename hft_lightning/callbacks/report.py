@@ -12,7 +12,9 @@ The row before training is measured once, at the start of training: a resumed ru
 and a run resumed exactly at a stage boundary measures the row whose validation Lightning skips on such a restart.
 At the end of ``fit`` the report is written to ``<default_root_dir>/report``
 (:func:`~hft_lightning.report.write_report`) and the model with its tokenizer to ``<default_root_dir>/model``
-(:meth:`~hft_lightning.HFTModule.save_pretrained`).
+(:meth:`~hft_lightning.HFTModule.save_pretrained`). A callback that implements :class:`ContributesToReport` adds
+a :class:`~hft_lightning.report.Section` to it (collected at the end of ``fit``, the way the curriculum finds the
+followers of its plan).
 The command line always adds this callback; a Trainer built in Python lists it after the curriculum (without it, a
 fit writes no report and exports nothing).
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +34,15 @@ from typing_extensions import override
 
 from hft_lightning.metrics.accuracy_matrix import AccuracyMatrix
 from hft_lightning.plan import Plan, require_plan
-from hft_lightning.report import Results, write_report
+from hft_lightning.report import Results, Section, write_report
+
+
+@runtime_checkable
+class ContributesToReport(Protocol):
+    """A callback with a part of the report of its own (for example a forgetting budget's live scores)."""
+
+    def report_section(self) -> Section | None:
+        """Its part of the report, or ``None`` when it has nothing to report. Called on global rank zero."""
 
 
 class Report(Callback):
@@ -125,7 +135,12 @@ class Report(Callback):
             bwt=derived["bwt"].item(),
             fwt=derived["fwt"].item(),
         )
-        report = write_report(root / "report", self.plan, results)
+        sections = [
+            section
+            for callback in trainer.callbacks
+            if isinstance(callback, ContributesToReport) and (section := callback.report_section()) is not None
+        ]
+        report = write_report(root / "report", self.plan, results, sections)
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
         saved = pl_module.save_pretrained(root / "model")
         rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")

@@ -29,3 +29,24 @@ def test_cl_metrics_can_be_monitored_and_reach_the_loggers(tiny_data, tmp_path):
         rows = [row for row in csv.DictReader(f) if row["cl/average_accuracy"]]
     assert len(rows) == len(STAGES)  # one per validation, each with every cl metric
     assert all(row[name] for row in rows for name in CL_METRICS)
+
+
+def test_a_callback_that_contributes_a_section_finds_it_in_the_report(tiny_data, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from hft_lightning.report import Section
+
+    class Counts(Callback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_train_batch_end(self, *args):
+            self.steps += 1
+
+        def report_section(self):
+            return Section("counts", {"steps": self.steps}, ["## Counts", "", f"{self.steps} steps"])
+
+    trainer = make_trainer(tmp_path, [Curriculum(STAGES), Counts()])
+    trainer.fit(tiny_module(tiny_data), datamodule=tiny_data)
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["counts"] == {"steps": 4}
+    assert (tmp_path / "report" / "summary.md").read_text().endswith("## Counts\n\n4 steps\n")
