@@ -14,6 +14,7 @@ from hft_lightning.data import builtin_code, builtin_general, builtin_math
 from hft_lightning.data.ability import Ability, Generator, split_generated
 from hft_lightning.errors import ConfigError
 from hft_lightning.scoring import ExactMatch, Scorer, code_exec, follows_instructions
+from hft_lightning.seeds import derive_seed
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_ABILITIES: dict[str, tuple[Generator, Scorer]] = {
@@ -54,11 +55,10 @@ class BuiltinSource:
         Args:
             num_train: Training examples to generate (``None``: :data:`DEFAULT_NUM_TRAIN`).
             num_val: Validation examples to generate.
-            seed: Generation seed; each ability offsets it by its index among the built-in names, so abilities
-                draw independently.
+            seed: The run's seed; each ability draws from its own stream, ``derive_seed(seed, "builtin", name)``.
         """
         generate, scorer = BUILTIN_ABILITIES[self.name]
-        ability_seed = seed * 1000 + sorted(BUILTIN_ABILITIES).index(self.name)
+        ability_seed = derive_seed(seed, "builtin", self.name)
         count = DEFAULT_NUM_TRAIN if num_train is None else num_train
         train, val = split_generated(self.name, generate, count, num_val, ability_seed)
         return Ability(name=self.name, train=train, val=val, scorer=scorer)

@@ -29,6 +29,7 @@ from hft_lightning.data.source import AbilitySource
 from hft_lightning.data.tokenizer import build_tokenizer, load_tokenizer
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import Plan, require_plan
+from hft_lightning.seeds import derive_seed
 
 DEFAULT_ABILITIES = ("builtin:math", "builtin:code", "builtin:general")
 MIN_VOCAB_SIZE = 261
@@ -133,7 +134,7 @@ class StagedDataModule(pl.LightningDataModule):
             weights=[stage.mixture.get(name, 0.0) for name in self.ability_names],
             batch_size=self.batch_size,
             num_batches=stage.steps * self.trainer.accumulate_grad_batches,
-            seed=self.seed * 1000 + index,
+            seed=derive_seed(self.seed, "stage", index),
             start_batch=start_batch,
             rank=self.trainer.global_rank,
             num_replicas=self.trainer.world_size,

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from hft_lightning.seeds import derive_seed
+
 
 class StageBatchSampler(Sampler[list[int]]):
     """Yields batches of indices into the concatenation of the abilities' training sets.
@@ -67,7 +69,7 @@ class StageBatchSampler(Sampler[list[int]]):
     def global_batch(self, index: int) -> list[int]:
         """The indices of batch ``index`` of this stage on all processes, ``batch_size * num_replicas`` of them."""
         size = self.batch_size * self.num_replicas
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batch", index))
         which = torch.multinomial(self.weights, size, replacement=True, generator=generator)
         within = (torch.rand(size, generator=generator, dtype=torch.float64) * self.sizes[which]).long()
         return (self.offsets[which] + within).tolist()

@@ -25,6 +25,7 @@ from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory, Item
 from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
+from hft_lightning.seeds import derive_seed
 
 
 class AGEM(RetentionCallback):
@@ -73,7 +74,7 @@ class AGEM(RetentionCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: dict[str, nn.Parameter], items: list[Item]
     ) -> dict[str, dict[str, torch.Tensor]]:
         """The gradient over a batch drawn from the whole memory (seeded by the step: the same after a resume)."""
-        generator = torch.Generator().manual_seed(trainer.datamodule.seed * 1_000_003 + trainer.global_step)
+        generator = torch.Generator().manual_seed(derive_seed(trainer.datamodule.seed, "agem", trainer.global_step))
         drawn = torch.randperm(len(items), generator=generator)[: self.batch_size].tolist()
         ref = loss_gradient(trainer, pl_module, list(params.values()), [items[i] for i in drawn], self.batch_size)
         return {"memory": dict(zip(params, ref, strict=True))}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from hft_lightning.retention.contracts import StageData
+from hft_lightning.seeds import derive_seed
 
 Item = tuple[str, int]
 """A training example: the ability's name and the example's index in that ability's training data."""
@@ -76,7 +77,7 @@ class ExampleMemory:
             datamodule: Its ``stage_stream`` and ``seed`` (a :class:`~hft_lightning.StagedDataModule`).
             stage_index: The finished stage.
         """
-        generator = torch.Generator().manual_seed(datamodule.seed * 1_000_003 + stage_index)
+        generator = torch.Generator().manual_seed(derive_seed(datamodule.seed, "memory", stage_index))
         self.observe(datamodule.stage_stream(stage_index), generator)
 
     def state_dict(self) -> dict[str, Any]:

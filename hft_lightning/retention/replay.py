@@ -21,6 +21,7 @@ from hft_lightning.data.sft import concat_batches
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.memory import ExampleMemory
+from hft_lightning.seeds import derive_seed
 
 
 class Replay(RetentionCallback):
@@ -58,8 +59,8 @@ class Replay(RetentionCallback):
         size = len(batch["input_ids"])
         num_replayed = max(1, round(self.ratio * size))
         stage_index = self.plan.stage_index(trainer.current_epoch)
-        seed = ((trainer.datamodule.seed * 1000 + stage_index) * 1_000_003 + batch_idx) * 64
-        generator = torch.Generator().manual_seed(seed + trainer.global_rank)
+        seed = derive_seed(trainer.datamodule.seed, "replay", stage_index, batch_idx, trainer.global_rank)
+        generator = torch.Generator().manual_seed(seed)
         which = torch.randint(len(abilities), (num_replayed,), generator=generator).tolist()
         items = []
         for a in which:

@@ -45,7 +45,7 @@ def test_a_pretrained_tokenizer_replaces_the_trained_one_and_bounds_the_length(t
 def test_truncated_examples_are_counted_per_split_at_teardown(max_length, untrained):
     data = StagedDataModule(abilities=["builtin:math"], num_train=10, num_val=4, vocab_size=300, max_length=max_length)
     with pytest.warns(UserWarning, match=f"more than max_length={max_length}"):
-        batch = data.collate([("math", 0), ("math", 1), ("math", 0)])
+        batch = data.collate([("math", 0), ("math", 2), ("math", 0)])  # both longer than 64 tokens
     assert batch["input_ids"].shape[1] == max_length
     expected = rf"max_length={max_length} tokens: data\.abilities\['math'\]\.train: 3 of 3{re.escape(untrained)}$"
     with pytest.warns(UserWarning, match=expected):

@@ -5,6 +5,7 @@ import quadprog
 import torch
 
 from hft_lightning.retention import AGEM, GEM
+from hft_lightning.seeds import derive_seed
 from tests.retention.common import GradientProbe, fit
 
 
@@ -61,7 +62,7 @@ class AGEMOracle(GradientProbe):
         if not items:
             self.refs.append(None)
             return
-        generator = torch.Generator().manual_seed(trainer.datamodule.seed * 1_000_003 + trainer.global_step)
+        generator = torch.Generator().manual_seed(derive_seed(trainer.datamodule.seed, "agem", trainer.global_step))
         drawn = [items[i] for i in torch.randperm(len(items), generator=generator)[:4].tolist()]
         params = dict(pl_module.named_parameters())
         with torch.enable_grad():
