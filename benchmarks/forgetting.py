@@ -14,10 +14,12 @@ Every method trains the same model on the same data for the same number of optim
 ``seed_everything`` and ``data.seed``. ``--scale`` multiplies every stage's steps and ``--num-val`` sets the
 validation examples per ability, to shrink the benchmark (a smoke test runs it at ``--scale 0.02``).
 Each finished run is kept in ``<runs>/<method>/seed<s>/run.json``; a rerun with the same settings reuses it,
-so an interrupted benchmark goes on where it stopped.
+so an interrupted benchmark goes on where it stopped. ``--jobs`` runs that many fits at once, the CPU threads shared
+out among them (a fit with fewer threads may round differently: compare methods measured with the same settings).
 
     python benchmarks/forgetting.py                                  # 5 methods x 3 seeds
     python benchmarks/forgetting.py --methods sequential hft --seeds 100
+    python benchmarks/forgetting.py --jobs 8                         # on a machine with 16 cores
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +72,16 @@ def run_config(method: str, scale: float) -> dict[str, Any]:
     return config
 
 
-def run(method: str, seed: int, scale: float, num_val: int, runs: Path) -> dict[str, Any]:
+def run(method: str, seed: int, scale: float, num_val: int, runs: Path, threads: int | None = None) -> dict[str, Any]:
     """Trains one method for one seed (or reuses a finished run with the same settings) and returns its record.
+
+    Args:
+        method: A config name under ``configs/``.
+        seed: Sets ``seed_everything`` and ``data.seed``.
+        scale: Multiplies every stage's steps.
+        num_val: Validation examples per ability.
+        runs: Where the run's folder goes (``<runs>/<method>/seed<seed>``).
+        threads: CPU threads of the fit (``OMP_NUM_THREADS``); ``None``: torch's default, every core.
 
     Returns:
         ``{"config", "seed", "num_val", "wall_s", "metrics"}``, ``metrics`` the run's ``report/metrics.json``.
@@ -93,7 +104,8 @@ def run(method: str, seed: int, scale: float, num_val: int, runs: Path) -> dict[
     log_path = directory / "fit.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     wall_s = time.perf_counter() - start
     if returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
@@ -192,24 +204,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-val", type=int, default=100, help="validation examples per ability")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "forgetting", help="where the runs go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting.{json,md,png} go")
+    parser.add_argument("--jobs", type=int, default=1, help="fits run at once, sharing the CPU cores")
     args = parser.parse_args(argv)
     missing = [m for m in args.methods if not (ROOT / "configs" / f"{m}.yaml").is_file()]
     if missing:
         parser.error(f"--methods: no config {', '.join(f'configs/{m}.yaml' for m in missing)}")
-    if args.scale <= 0 or args.num_val < 1:
-        parser.error(f"--scale must be > 0 and --num-val >= 1, got {args.scale} and {args.num_val}")
+    if args.scale <= 0 or args.num_val < 1 or args.jobs < 1:
+        parser.error(
+            f"--scale must be > 0, --num-val and --jobs >= 1, got {args.scale}, {args.num_val} and {args.jobs}"
+        )
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
-    records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     jobs = [(m, s) for m in args.methods for s in args.seeds]
-    with tqdm(jobs, desc="forgetting benchmark", unit="run") as bar:
-        for method, seed in bar:
-            bar.set_postfix_str(f"{method} seed {seed}")
-            records[method].append(run(method, seed, args.scale, args.num_val, args.runs))
+    threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="forgetting benchmark", unit="run") as bar:
+        futures = {
+            job: pool.submit(run, *job, args.scale, args.num_val, args.runs, threads) for job in jobs
+        }  # each future updates the bar when its fit ends, in whatever order they end
+        for future in futures.values():
+            future.add_done_callback(lambda _: bar.update())
+        records = {m: [futures[m, s].result() for s in args.seeds] for m in args.methods}
     results = {
         "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "date": datetime.date.today().isoformat(),

@@ -24,10 +24,17 @@ def test_every_method_trains_the_same_number_of_steps():
     assert {steps(m) for m in ("multitask", "sequential", "mixed_sequential", "dmt", "hft")} == {1500}
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--jobs", "0"), ("--scale", "0"), ("--num-val", "0")])
+def test_bad_sizes_are_refused_naming_the_flags(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([flag, value])
+    assert "--scale must be > 0, --num-val and --jobs >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_benchmark_writes_json_table_and_figure(tmp_path):
     out = tmp_path / "results"
-    argv = ["--methods", "sequential", "hft", "--seeds", "0", "--scale", "0.02", "--num-val", "4"]
+    argv = ["--methods", "sequential", "hft", "--seeds", "0", "--scale", "0.02", "--num-val", "4", "--jobs", "2"]
     results = main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(out)])
     written = json.loads((out / "forgetting.json").read_text())
     assert written == json.loads(json.dumps(results))
