@@ -52,16 +52,29 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("multitask", "sequential", "mixed_sequential", "dmt", "hft")
 CURRICULUM = "hft_lightning.Curriculum"
+RETENTION = "hft_lightning.retention."
+
+
+def config_paths(method: str) -> list[Path]:
+    """The configs a method names: ``recipe`` or ``recipe@retention`` (e.g. ``default@retention/kl_anchor``)."""
+    return [ROOT / "configs" / f"{name}.yaml" for name in method.split("@", 1)]
 
 
 def run_config(method: str, scale: float) -> dict[str, Any]:
-    """``configs/<method>.yaml``, every stage's steps times ``scale`` (at least 1), quiet and without checkpoints.
+    """The method's config, every stage's steps times ``scale`` (at least 1), quiet and without checkpoints.
 
+    ``recipe`` is ``configs/<recipe>.yaml``; ``recipe@retention`` is that recipe with its retention callbacks
+    replaced by those of ``configs/<retention>.yaml`` (the same plan, model and data with another retention).
     The progress bar, checkpoints and logger are off: the benchmark reads each run's report.
     """
-    path = ROOT / "configs" / f"{method}.yaml"
+    path, *retention = config_paths(method)
     config = yaml.safe_load(path.read_text())
     callbacks = config["trainer"]["callbacks"]
+    if retention:
+        added = [c for c in yaml.safe_load(retention[0].read_text())["trainer"]["callbacks"] if _is_retention(c)]
+        if not added:
+            raise ValueError(f"{retention[0]}: trainer.callbacks holds no {RETENTION}* callback")
+        callbacks = [c for c in callbacks if not _is_retention(c)] + added
     curricula = [c for c in callbacks if c["class_path"] == CURRICULUM]
     if len(curricula) != 1 or "stages" not in curricula[0].get("init_args", {}):
         raise ValueError(f"{path}: trainer.callbacks must hold one {CURRICULUM} with init_args.stages")
@@ -70,6 +83,10 @@ def run_config(method: str, scale: float) -> dict[str, Any]:
     config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith("ProgressBar")]
     config["trainer"].update(enable_progress_bar=False, enable_checkpointing=False, logger=False)
     return config
+
+
+def _is_retention(callback: dict[str, Any]) -> bool:
+    return callback["class_path"].startswith(RETENTION)
 
 
 def run(method: str, seed: int, scale: float, num_val: int, runs: Path, threads: int | None = None) -> dict[str, Any]:
@@ -197,7 +214,10 @@ def figure(results: dict[str, Any]) -> Figure:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), help="config names under configs/, e.g. planners/hft_reversed"
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help="config names under configs/ (planners/hft_reversed), or recipe@retention (default@retention/ewc)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
@@ -206,9 +226,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting.{json,md,png} go")
     parser.add_argument("--jobs", type=int, default=1, help="fits run at once, sharing the CPU cores")
     args = parser.parse_args(argv)
-    missing = [m for m in args.methods if not (ROOT / "configs" / f"{m}.yaml").is_file()]
+    missing = [path for m in args.methods for path in config_paths(m) if not path.is_file()]
     if missing:
-        parser.error(f"--methods: no config {', '.join(f'configs/{m}.yaml' for m in missing)}")
+        parser.error(f"--methods: no config {', '.join(str(path.relative_to(ROOT)) for path in missing)}")
     if args.scale <= 0 or args.num_val < 1 or args.jobs < 1:
         parser.error(
             f"--scale must be > 0, --num-val and --jobs >= 1, got {args.scale}, {args.num_val} and {args.jobs}"

@@ -61,3 +61,16 @@ def test_an_unknown_method_names_the_missing_config(capsys):
         parse_args(["--methods", "hft", "no_such_recipe"])
     assert "no config configs/no_such_recipe.yaml" in capsys.readouterr().err
     assert parse_args(["--methods", "planners/hft_reversed"]).methods == ["planners/hft_reversed"]
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "default@retention/no_such_method"])
+    assert "no config configs/retention/no_such_method.yaml" in capsys.readouterr().err
+
+
+def test_a_recipe_takes_the_retention_of_another_config():
+    recipe, combined = run_config("hft", 0.1), run_config("hft@retention/ewc", 0.1)
+    classes = [c["class_path"] for c in combined["trainer"]["callbacks"]]
+    assert classes == ["hft_lightning.Curriculum", "hft_lightning.retention.EWC"]  # hft's Replay + EWC replaced
+    assert combined["trainer"]["callbacks"][0] == recipe["trainer"]["callbacks"][0]  # the recipe's plan
+    assert {k: v for k, v in combined.items() if k != "trainer"} == {k: v for k, v in recipe.items() if k != "trainer"}
+    with pytest.raises(ValueError, match=r"configs/default.yaml: trainer.callbacks holds no hft_lightning.retention"):
+        run_config("hft@default", 1.0)
