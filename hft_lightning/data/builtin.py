@@ -1,16 +1,16 @@
 """The built-in abilities, generated from a seed with no download: sources of the same kind as user files.
 
-``builtin:math``, ``builtin:code`` and ``builtin:general`` (see their modules for what each contains) are parsed into
-a :class:`BuiltinSource`, which loads an :class:`~hft_lightning.data.ability.Ability` the way a file
-:class:`~hft_lightning.data.source.AbilitySource` does, scored by the scorers file abilities use
-(:mod:`hft_lightning.scoring`).
+``builtin:math``, ``builtin:code``, ``builtin:general`` and ``builtin:math_code``, which composes math and code
+(see their modules for what each contains), are parsed into a :class:`BuiltinSource`, which loads an
+:class:`~hft_lightning.data.ability.Ability` the way a file :class:`~hft_lightning.data.source.AbilitySource` does,
+scored by the scorers file abilities use (:mod:`hft_lightning.scoring`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hft_lightning.data import builtin_code, builtin_general, builtin_math
+from hft_lightning.data import builtin_code, builtin_general, builtin_math, builtin_math_code
 from hft_lightning.data.ability import Ability, Generator, split_generated
 from hft_lightning.errors import ConfigError
 from hft_lightning.scoring import ExactMatch, Scorer, code_exec, follows_instructions
@@ -21,6 +21,7 @@ BUILTIN_ABILITIES: dict[str, tuple[Generator, Scorer]] = {
     "math": (builtin_math.generate, ExactMatch(builtin_math.ANSWER_PATTERN, normalize=int)),
     "code": (builtin_code.generate, code_exec),
     "general": (builtin_general.generate, follows_instructions),
+    "math_code": (builtin_math_code.generate, code_exec),
 }
 """Name -> the generator and the scorer."""
 

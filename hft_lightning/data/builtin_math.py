@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 from hft_lightning.data.example import Example
 
@@ -40,14 +41,22 @@ ANSWER_PATTERN = re.compile(r"Answer:\s*(-?\d+)")
 """The final answer: the first group of the pattern's last match."""
 
 
-def generate(rng: random.Random) -> Example:
-    """Draws one word problem.
+@dataclass(frozen=True)
+class WordProblem:
+    """A word problem over two operands: ``prompt`` asks for ``a <op> b``, which is ``result``."""
+
+    prompt: str
+    a: int
+    op: str
+    b: int
+    result: int
+
+
+def draw_problem(rng: random.Random) -> WordProblem:
+    """Draws one word problem (shared with ``builtin:math_code``, which asks for it as a function).
 
     Args:
         rng: Seeded random source.
-
-    Returns:
-        An example whose reference is ``{"answer": "<n>"}``.
     """
     op = rng.choice(tuple(_TEMPLATES))
     a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
@@ -56,5 +65,18 @@ def generate(rng: random.Random) -> Example:
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     template = rng.choice(_TEMPLATES[op])
     prompt = template.format(name=rng.choice(NAMES), item=rng.choice(ITEMS), a=a, b=b)
-    response = f"{a} {op} {b} = {result}\nAnswer: {result}"
-    return Example(prompt=prompt, response=response, reference={"answer": str(result)})
+    return WordProblem(prompt, a, op, b, result)
+
+
+def generate(rng: random.Random) -> Example:
+    """Draws one word problem with its worked answer.
+
+    Args:
+        rng: Seeded random source.
+
+    Returns:
+        An example whose reference is ``{"answer": "<n>"}``.
+    """
+    problem = draw_problem(rng)
+    response = f"{problem.a} {problem.op} {problem.b} = {problem.result}\nAnswer: {problem.result}"
+    return Example(prompt=problem.prompt, response=response, reference={"answer": str(problem.result)})

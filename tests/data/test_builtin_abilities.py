@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from hft_lightning.data.builtin import BUILTIN_ABILITIES, BuiltinSource
@@ -61,6 +63,26 @@ def test_code_scores_by_executing_the_tests():
     broken = "def get_value(x)\n    return x + 3"
     fenced = f"```python\n{right}\n```"  # one code_exec for built-in and file abilities: fences are unwrapped
     assert scorer("code")([right, wrong, broken, fenced], [example] * 4) == [True, False, False, True]
+
+
+def test_math_code_runs_solve_against_the_word_problems_answer():
+    ability = load_ability("builtin:math_code", num_train=50, num_val=5, seed=0)
+    example = ability.val[0]
+    answer = int(example.reference["tests"][0].removeprefix("assert solve() == "))
+    assert example.prompt.startswith("Write a Python function solve() that returns the answer. ")
+    right, wrong = f"def solve():\n    return {answer}", f"def solve():\n    return {answer + 1}"
+    assert ability.scorer([right, wrong, "solve = 3"], [example] * 3) == [True, False, False]
+
+
+def test_math_code_asks_maths_word_problem_and_answers_with_its_computation():
+    from hft_lightning.data import builtin_math, builtin_math_code
+
+    for seed in range(20):
+        problem, composite = builtin_math.generate(random.Random(seed)), builtin_math_code.generate(random.Random(seed))
+        assert composite.prompt == f"Write a Python function solve() that returns the answer. {problem.prompt}"
+        computation = problem.response.split(" = ")[0]  # "3 + 4 = 7\nAnswer: 7"
+        assert composite.response == f"def solve():\n    return {computation}"
+        assert composite.reference == {"tests": [f"assert solve() == {problem.reference['answer']}"]}
 
 
 def test_general_checks_every_constraint():
