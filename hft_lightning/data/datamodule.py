@@ -46,7 +46,8 @@ class StagedDataModule(pl.LightningDataModule):
             :class:`~hft_lightning.data.source.AbilitySource` reads the user's JSONL or parquet files. At least one
             ability must have a scorer.
         num_train: Training examples per ability: generated for a built-in one (``None``: 4000), the first
-            ``num_train`` records of a file one (``None``: all of them).
+            ``num_train`` records of a file one (``None``: all of them). A mapping gives each named ability its own
+            count (``{math: 500, general: 4000}``: a real SFT mix is far from equal), the others keep their default.
         num_val: Validation examples per ability (disjoint from training), scored at every validation.
         batch_size: Training batch size.
         val_batch_size: Validation (generation) batch size.
@@ -68,7 +69,7 @@ class StagedDataModule(pl.LightningDataModule):
     def __init__(
         self,
         abilities: Sequence[str | AbilitySource] = DEFAULT_ABILITIES,
-        num_train: int | None = None,
+        num_train: int | dict[str, int] | None = None,
         num_val: int = 100,
         batch_size: int = 32,
         val_batch_size: int = 100,
@@ -78,7 +79,11 @@ class StagedDataModule(pl.LightningDataModule):
         max_length: int | None = None,
     ):
         super().__init__()
-        counts = dict(num_train=num_train, num_val=num_val, batch_size=batch_size, val_batch_size=val_batch_size)
+        counts = dict(num_val=num_val, batch_size=batch_size, val_batch_size=val_batch_size)
+        if isinstance(num_train, dict):
+            counts.update({f"num_train[{name!r}]": value for name, value in num_train.items()})
+        else:
+            counts["num_train"] = num_train
         for name, value in counts.items():
             if value is not None and value <= 0:  # num_train None: each source's own default
                 raise ConfigError(f"data.{name} must be positive, got {value}")
@@ -91,7 +96,13 @@ class StagedDataModule(pl.LightningDataModule):
         if not abilities:
             raise ConfigError("data.abilities is empty; declare at least one ability, e.g. builtin:math")
         sources = [BuiltinSource.parse(s) if isinstance(s, str) else s for s in abilities]
-        self.abilities: list[Ability] = [s.load(num_train, num_val, seed) for s in sources]
+        per_ability = num_train if isinstance(num_train, dict) else {s.name: num_train for s in sources}
+        unknown = sorted(set(per_ability) - {s.name for s in sources})
+        if unknown:
+            raise ConfigError(
+                f"data.num_train names undeclared abilities {unknown}; declared: {[s.name for s in sources]}"
+            )
+        self.abilities: list[Ability] = [s.load(per_ability.get(s.name), num_val, seed) for s in sources]
         names = self.ability_names
         if len(set(names)) != len(names):
             raise ConfigError(f"data.abilities: ability names must be unique, got {names}")

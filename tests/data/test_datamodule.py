@@ -15,11 +15,20 @@ from hft_lightning.errors import ConfigError
         ({"abilities": []}, r"data\.abilities is empty"),
         ({"abilities": ["builtin:math", "builtin:math"]}, "ability names must be unique"),
         ({"num_val": 5000}, r"data\.num_val=5000: ability 'math' could not draw"),
+        ({"num_train": {"math": 0}}, r"data\.num_train\['math'\] must be positive, got 0"),
+        ({"num_train": {"poetry": 5}}, r"data\.num_train names undeclared abilities \['poetry'\]; declared: \['math'"),
     ],
 )
 def test_bad_data_arguments_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         StagedDataModule(**{"num_train": 10, "num_val": 4, **overrides})
+
+
+def test_num_train_can_size_each_ability_apart():
+    data = StagedDataModule(num_train={"math": 7, "general": 30}, num_val=4)
+    assert [len(a.train) for a in data.abilities] == [7, 4000, 30]  # code keeps the built-in default
+    same = StagedDataModule(num_train=30, num_val=4)
+    assert data.abilities[2].train == same.abilities[2].train  # a pool's examples do not depend on the others'
 
 
 def test_validation_has_one_loader_per_ability_in_declaration_order(tiny_data):
