@@ -1,24 +1,25 @@
 """The forgetting benchmark: does staged training with retention keep every ability?
 
-Runs each method's config (``configs/<method>.yaml``) through ``python -m hft_lightning fit`` for every seed,
-reads each run's ``report/metrics.json`` and writes the mean and spread over the seeds:
+Runs each method's config (``configs/<method>.yaml``) under a regime (``--regime``, :mod:`benchmarks.regimes`:
+the data and plan it trains under) through ``python -m hft_lightning fit`` for every seed, reads each run's
+``report/metrics.json`` and writes the mean and spread over the seeds:
 
-- ``benchmarks/results/forgetting.json``: ``{"device", "date", "seeds", "scale", "num_val", "total_s",
-  "methods": {name: {"final", "final_std", "average_accuracy", "average_accuracy_std", "forgetting",
+- ``benchmarks/results/forgetting_<regime>.json``: ``{"regime", "device", "date", "seeds", "scale", "num_val",
+  "total_s", "methods": {name: {"final", "final_std", "average_accuracy", "average_accuracy_std", "forgetting",
   "max_forgetting", "max_forgetting_std", "bwt", "wall_s", "stages", "accuracy_matrix", "per_seed"}}}``, scores
   in [0, 1]; ``accuracy_matrix`` is the mean matrix with the ``before`` row first;
-- ``benchmarks/results/forgetting.md``: the same as a table, and ``forgetting.png``, the methods' mean accuracy
-  matrices side by side.
+- ``benchmarks/results/forgetting_<regime>.md``: the same as a table, and ``forgetting_<regime>.png``, the methods'
+  mean accuracy matrices side by side.
 
 Every method trains the same model on the same data for the same number of optimizer steps; seed ``s`` sets both
 ``seed_everything`` and ``data.seed``. ``--scale`` multiplies every stage's steps and ``--num-val`` sets the
 validation examples per ability, to shrink the benchmark (a smoke test runs it at ``--scale 0.02``).
-Each finished run is kept in ``<runs>/<method>/seed<s>/run.json``; a rerun with the same settings reuses it,
+Each finished run is kept in ``<runs>/<regime>/<method>/seed<s>/run.json``; a rerun with the same settings reuses it,
 so an interrupted benchmark goes on where it stopped. ``--jobs`` runs that many fits at once, the CPU threads shared
 out among them (a fit with fewer threads may round differently: compare methods measured with the same settings).
 
-    python benchmarks/forgetting.py                                  # 5 methods x 3 seeds
-    python benchmarks/forgetting.py --methods sequential hft --seeds 100
+    python benchmarks/forgetting.py                                  # 5 methods x 3 seeds, balanced regime
+    python benchmarks/forgetting.py --regime imbalanced --methods sequential hft --seeds 100
     python benchmarks/forgetting.py --jobs 8                         # on a machine with 16 cores
 """
 
@@ -34,6 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +48,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import device_name
+from benchmarks.regimes import REGIMES, stages
 from hft_lightning.report import ACCURACY, draw_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("multitask", "sequential", "mixed_sequential", "dmt", "hft")
-CURRICULUM = "hft_lightning.Curriculum"
+CURRICULUM = "hft_lightning.Curriculum"  # the name benchmarks.regimes finds the plan by
 RETENTION = "hft_lightning.retention."
 
 
@@ -60,8 +63,8 @@ def config_paths(method: str) -> list[Path]:
     return [ROOT / "configs" / f"{name}.yaml" for name in method.split("@", 1)]
 
 
-def run_config(method: str, scale: float) -> dict[str, Any]:
-    """The method's config, every stage's steps times ``scale`` (at least 1), quiet and without checkpoints.
+def run_config(method: str, scale: float, regime: str = "balanced") -> dict[str, Any]:
+    """The method's config under ``regime``, every stage's steps times ``scale`` (at least 1), quiet, no checkpoints.
 
     ``recipe`` is ``configs/<recipe>.yaml``; ``recipe@retention`` is that recipe with its retention callbacks
     replaced by those of ``configs/<retention>.yaml`` (the same plan, model and data with another retention).
@@ -78,10 +81,11 @@ def run_config(method: str, scale: float) -> dict[str, Any]:
     curricula = [c for c in callbacks if c["class_path"] == CURRICULUM]
     if len(curricula) != 1 or "stages" not in curricula[0].get("init_args", {}):
         raise ValueError(f"{path}: trainer.callbacks must hold one {CURRICULUM} with init_args.stages")
-    for stage in curricula[0]["init_args"]["stages"]:
-        stage["steps"] = max(1, round(stage["steps"] * scale))
     config["trainer"]["callbacks"] = [c for c in callbacks if not c["class_path"].endswith("ProgressBar")]
     config["trainer"].update(enable_progress_bar=False, enable_checkpointing=False, logger=False)
+    config = REGIMES[regime](config)
+    for stage in stages(config):
+        stage["steps"] = max(1, round(stage["steps"] * scale))
     return config
 
 
@@ -89,22 +93,39 @@ def _is_retention(callback: dict[str, Any]) -> bool:
     return callback["class_path"].startswith(RETENTION)
 
 
-def run(method: str, seed: int, scale: float, num_val: int, runs: Path, threads: int | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Settings:
+    """What every run of one benchmark invocation shares.
+
+    Attributes:
+        regime: A name in :data:`benchmarks.regimes.REGIMES`.
+        scale: Multiplies every stage's steps.
+        num_val: Validation examples per ability.
+        runs: Where the runs' folders go (``<runs>/<regime>/<method>/seed<seed>``).
+        threads: CPU threads of each fit (``OMP_NUM_THREADS``); ``None``: torch's default, every core.
+    """
+
+    regime: str
+    scale: float
+    num_val: int
+    runs: Path
+    threads: int | None = None
+
+
+def run(method: str, seed: int, settings: Settings) -> dict[str, Any]:
     """Trains one method for one seed (or reuses a finished run with the same settings) and returns its record.
 
     Args:
-        method: A config name under ``configs/``.
+        method: A config name under ``configs/``, or ``recipe@retention``.
         seed: Sets ``seed_everything`` and ``data.seed``.
-        scale: Multiplies every stage's steps.
-        num_val: Validation examples per ability.
-        runs: Where the run's folder goes (``<runs>/<method>/seed<seed>``).
-        threads: CPU threads of the fit (``OMP_NUM_THREADS``); ``None``: torch's default, every core.
+        settings: The benchmark's regime, sizes and folders.
 
     Returns:
         ``{"config", "seed", "num_val", "wall_s", "metrics"}``, ``metrics`` the run's ``report/metrics.json``.
     """
-    directory = runs / method / f"seed{seed}"
-    config = run_config(method, scale)
+    num_val = settings.num_val
+    directory = settings.runs / settings.regime / method / f"seed{seed}"
+    config = run_config(method, settings.scale, settings.regime)
     record_path = directory / "run.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -121,6 +142,7 @@ def run(method: str, seed: int, scale: float, num_val: int, runs: Path, threads:
     log_path = directory / "fit.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
+        threads = settings.threads
         env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
         returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     wall_s = time.perf_counter() - start
@@ -171,7 +193,7 @@ def markdown(results: dict[str, Any], figure_name: str) -> str:
     abilities = list(next(iter(methods.values()))["final"])
     header = ["method", *(f"final {a}" for a in abilities), "average accuracy", "max forgetting", "BWT", "wall s"]
     lines = [
-        f"# Forgetting benchmark ({results['date']})",
+        f"# Forgetting benchmark, {results['regime']} regime ({results['date']})",
         "",
         f"Device: {results['device']}. Seeds: {results['seeds']}, step scale {results['scale']}, "
         f"{results['num_val']} validation examples per ability, total {results['total_s'] / 60:.1f} min. "
@@ -219,11 +241,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(METHODS),
         help="config names under configs/ (planners/hft_reversed), or recipe@retention (default@retention/ewc)",
     )
+    parser.add_argument("--regime", choices=list(REGIMES), default="balanced", help="the data and plan (regimes.py)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
     parser.add_argument("--num-val", type=int, default=100, help="validation examples per ability")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "forgetting", help="where the runs go")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting.{json,md,png} go")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting_<regime>.{json,md,png} go")
     parser.add_argument("--jobs", type=int, default=1, help="fits run at once, sharing the CPU cores")
     args = parser.parse_args(argv)
     missing = [path for m in args.methods for path in config_paths(m) if not path.is_file()]
@@ -241,14 +264,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     jobs = [(m, s) for m in args.methods for s in args.seeds]
     threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
+    settings = Settings(args.regime, args.scale, args.num_val, args.runs, threads)
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="forgetting benchmark", unit="run") as bar:
-        futures = {
-            job: pool.submit(run, *job, args.scale, args.num_val, args.runs, threads) for job in jobs
-        }  # each future updates the bar when its fit ends, in whatever order they end
+        futures = {job: pool.submit(run, *job, settings) for job in jobs}
+        # each future updates the bar when its fit ends, in whatever order they end
         for future in futures.values():
             future.add_done_callback(lambda _: bar.update())
         records = {m: [futures[m, s].result() for s in args.seeds] for m in args.methods}
     results = {
+        "regime": args.regime,
         "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "date": datetime.date.today().isoformat(),
         "seeds": args.seeds,
@@ -257,14 +281,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_s": sum(r["wall_s"] for rs in records.values() for r in rs),
         "methods": {m: summarize(rs) for m, rs in records.items()},
     }
+    stem = args.out / f"forgetting_{args.regime}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forgetting.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "forgetting.md").write_text(markdown(results, "forgetting.png"))
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results, f"{stem.name}.png"))
     fig = figure(results)
     FigureCanvasAgg(fig)
-    fig.savefig(args.out / "forgetting.png", dpi=110)
-    print(markdown(results, "forgetting.png"))
-    print(f"wrote {args.out}/forgetting.{{json,md,png}} in {(time.perf_counter() - start) / 60:.1f} min")
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    print(markdown(results, f"{stem.name}.png"))
+    print(f"wrote {stem}.{{json,md,png}} in {(time.perf_counter() - start) / 60:.1f} min")
     return results
 
 

@@ -32,26 +32,31 @@ def test_bad_sizes_are_refused_naming_the_flags(flag, value, capsys):
 
 
 @pytest.mark.slow
-def test_benchmark_writes_json_table_and_figure(tmp_path):
+@pytest.mark.parametrize(
+    ("regime", "abilities"),
+    [("balanced", ["math", "code", "general"]), ("imbalanced", ["math", "code", "general"]),
+     ("hierarchical", ["math", "code", "general", "math_code"])],
+)  # fmt: skip
+def test_benchmark_writes_json_table_and_figure(tmp_path, regime, abilities):
     out = tmp_path / "results"
     argv = ["--methods", "sequential", "hft", "--seeds", "0", "--scale", "0.02", "--num-val", "4", "--jobs", "2"]
+    argv += ["--regime", regime]
     results = main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(out)])
-    written = json.loads((out / "forgetting.json").read_text())
+    written = json.loads((out / f"forgetting_{regime}.json").read_text())
     assert written == json.loads(json.dumps(results))
-    assert written["seeds"] == [0] and written["device"] and written["total_s"] > 0
+    assert written["regime"] == regime and written["seeds"] == [0] and written["device"] and written["total_s"] > 0
     assert list(written["methods"]) == ["sequential", "hft"]
     for name, m in written["methods"].items():
-        abilities = ["math", "code", "general"]
         assert list(m["final"]) == list(m["final_std"]) == list(m["forgetting"]) == abilities
         scores = [*m["final"].values(), m["average_accuracy"], *(x for row in m["accuracy_matrix"] for x in row)]
         assert all(0.0 <= x <= 1.0 for x in scores), name
         assert all(-1.0 <= x <= 1.0 for x in [*m["forgetting"].values(), m["max_forgetting"], m["bwt"]]), name
         assert m["max_forgetting"] == max(m["forgetting"].values())  # one seed: the mean of maxima is the max
         assert m["final_std"] == dict.fromkeys(abilities, 0.0) and m["average_accuracy_std"] == 0.0
-        assert math.isclose(m["average_accuracy"], sum(m["final"].values()) / 3, abs_tol=1e-6)
+        assert math.isclose(m["average_accuracy"], sum(m["final"].values()) / len(abilities), abs_tol=1e-6)
         assert len(m["accuracy_matrix"]) == len(m["stages"]) + 1 and m["wall_s"] > 0
-    assert "| sequential |" in (out / "forgetting.md").read_text()
-    assert (out / "forgetting.png").read_bytes().startswith(b"\x89PNG")
+    assert "| sequential |" in (out / f"forgetting_{regime}.md").read_text()
+    assert (out / f"forgetting_{regime}.png").read_bytes().startswith(b"\x89PNG")
     rerun = main([*argv, "--runs", str(tmp_path / "runs"), "--out", str(out)])  # finished runs are reused
     assert rerun["methods"] == results["methods"]
 
