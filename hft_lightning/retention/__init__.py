@@ -1,12 +1,12 @@
 """Knowledge-retention methods, each a Lightning callback driven by the :class:`~hft_lightning.Curriculum`.
 
-Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC). A method of
-your own subclasses :class:`RetentionCallback` (see docs/retention.md).
+Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC, or a loss term
+with a gradient edit). A method of your own subclasses :class:`RetentionCallback` (see docs/retention.md).
 """
 
 from hft_lightning.retention.agem import AGEM
 from hft_lightning.retention.base import RetentionCallback
-from hft_lightning.retention.contracts import HasLoss, StageData
+from hft_lightning.retention.contracts import HasCausalLM, HasLoss, LossTerm, StageData, TakesLossTerms
 from hft_lightning.retention.ewc import EWC
 from hft_lightning.retention.gem import GEM
 from hft_lightning.retention.online_ewc import OnlineEWC
@@ -17,11 +17,14 @@ __all__ = [
     "AGEM",
     "EWC",
     "GEM",
+    "HasCausalLM",
     "HasLoss",
+    "LossTerm",
     "OnlineEWC",
     "Replay",
     "RetentionCallback",
     "StageData",
+    "TakesLossTerms",
     "match_names",
     "on_parameters",
     "trainable",
