@@ -1,7 +1,8 @@
 """Knowledge-retention methods, each a Lightning callback driven by the :class:`~hft_lightning.Curriculum`.
 
-Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC, or a loss term
-with a gradient edit). A method of your own subclasses :class:`RetentionCallback` (see docs/retention.md).
+Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC, or KLAnchor's
+loss term with EWC's gradient edit). A method of your own subclasses :class:`RetentionCallback` (see
+docs/retention.md).
 """
 
 from hft_lightning.retention.agem import AGEM
@@ -9,6 +10,7 @@ from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.contracts import HasCausalLM, HasLoss, LossTerm, StageData, TakesLossTerms
 from hft_lightning.retention.ewc import EWC
 from hft_lightning.retention.gem import GEM
+from hft_lightning.retention.kl_anchor import KLAnchor
 from hft_lightning.retention.online_ewc import OnlineEWC
 from hft_lightning.retention.parameters import match_names, on_parameters, trainable
 from hft_lightning.retention.replay import Replay
@@ -19,6 +21,7 @@ __all__ = [
     "GEM",
     "HasCausalLM",
     "HasLoss",
+    "KLAnchor",
     "LossTerm",
     "OnlineEWC",
     "Replay",

@@ -10,7 +10,17 @@ from lightning.pytorch.strategies import FSDPStrategy
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
 from hft_lightning.module import mean_cross_entropy
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay, RetentionCallback, match_names, trainable
+from hft_lightning.retention import (
+    AGEM,
+    EWC,
+    GEM,
+    KLAnchor,
+    OnlineEWC,
+    Replay,
+    RetentionCallback,
+    match_names,
+    trainable,
+)
 from tests.helpers import make_trainer, tiny_datamodule, tiny_module
 from tests.retention.common import fit
 
@@ -30,6 +40,9 @@ from tests.retention.common import fit
         (lambda: AGEM(ref_every=0), "ref_every"),
         (lambda: Replay(memory_size=0), "memory_size"),
         (lambda: Replay(ratio=1.0), "ratio"),
+        (lambda: KLAnchor(beta=-1.0), "beta"),
+        (lambda: KLAnchor(beta=float("nan")), "beta"),
+        (lambda: KLAnchor(chunk_size=0), "chunk_size"),
     ],
 )
 def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
@@ -37,8 +50,17 @@ def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
         make()
 
 
+def test_kl_anchor_arguments_name_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"^KLAnchor\(beta=-1.0\): beta must be >= 0$"):
+        KLAnchor(beta=-1.0)
+    with pytest.raises(ConfigError, match=r"^KLAnchor\(chunk_size=-3\): chunk_size must be > 0$"):
+        KLAnchor(chunk_size=-3)
+    assert KLAnchor(beta=0.0).beta == 0.0  # allowed: exactly plain SFT
+
+
 def test_state_keys_separate_instances_with_different_arguments():
     assert EWC(lam=1.0).state_key != EWC(lam=2.0).state_key
+    assert KLAnchor(beta=1.0).state_key != KLAnchor(beta=2.0).state_key
     assert EWC(lam=1.0).state_key == EWC(lam=1.0).state_key
     assert GEM().state_key != AGEM().state_key
 
