@@ -10,12 +10,16 @@ with that ability's scorer; the scores of the validation that is ending are comp
 (:meth:`HFTModule.validation_scores`): Lightning runs a callback's ``on_validation_epoch_end`` before the module's.
 The module is the model, its loss, generation and these scores: the accuracy matrix, the row before training,
 the report and the exported model belong to :class:`~hft_lightning.callbacks.Report`.
+
+The training loss is the SFT loss plus the loss terms pushed to the module (:meth:`HFTModule.add_loss_term`, by a
+retention callback in its ``setup``): each training step runs the model once and hands every term the inputs it
+fed the model, its logits and the targets. With no term, a step is exactly the SFT step.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -38,6 +42,9 @@ from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.plan import Plan, require_plan
 from hft_lightning.schedule import StageSchedule
+
+if TYPE_CHECKING:
+    from hft_lightning.retention.contracts import LossTerm
 
 CHECKPOINT_FORMAT = 2
 """Layout of what the module and the callbacks keep in a checkpoint: raise it whenever a state's layout changes."""
@@ -143,6 +150,7 @@ class HFTModule(pl.LightningModule):
         self.ability_scores = nn.ModuleDict()
         self._validation_scores: torch.Tensor | None = None
         self.plan: Plan | None = None
+        self.loss_terms: list[LossTerm] = []
 
     def set_plan(self, plan: Plan) -> None:
         """Follows ``plan`` (pushed by the curriculum): the learning-rate schedule restarts at each of its stages."""
@@ -156,12 +164,32 @@ class HFTModule(pl.LightningModule):
         scored = [a for a in datamodule.abilities if a.scorer is not None]
         self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in scored})
 
-    def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects).
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The transformers causal LM: :attr:`model`, or under LoRA the model peft injected its adapters into."""
+        return self.model.get_base_model() if self.lora is not None else self.model
 
-        The loss is computed here, from the logits, as transformers' causal LM loss does (fp32 logits, labels shifted
-        by one, ``-100`` ignored), for any model class, and divided by at least one token: a batch whose examples
-        were all truncated before their response has a loss of 0 and zero gradients, not NaN.
+    def add_loss_term(self, term: LossTerm) -> None:
+        """Adds ``term``'s value to the loss of every later training step (once, however often it is added).
+
+        Retention callbacks that add a term push themselves here in their ``setup``
+        (:meth:`~hft_lightning.retention.RetentionCallback.loss_term`); terms are added in the order they came.
+        """
+        if not any(t is term for t in self.loss_terms):
+            self.loss_terms.append(term)
+
+    def remove_loss_term(self, term: LossTerm) -> None:
+        """Stops adding ``term`` (its callback's ``teardown``)."""
+        self.loss_terms = [t for t in self.loss_terms if t is not term]
+
+    def forward_logits(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Runs the model on a batch, packed first if :attr:`packing` is set.
+
+        Returns:
+            ``(inputs, logits, targets)``: what the model was fed (``input_ids`` and ``attention_mask``, or after
+            packing ``input_ids`` and ``position_ids``, shape ``[R, L]``), its logits in fp32 (``[R, L, V]``,
+            the causal LM loss's precision whatever the model's), and the token each position predicts
+            (``[R, L]``, labels shifted by one, ``-100`` where nothing is trained).
         """
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
         if self.packing is not None:
@@ -169,15 +197,28 @@ class HFTModule(pl.LightningModule):
         labels = inputs.pop("labels")
         logits = self.model(**inputs, use_cache=False).logits.float()
         targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # token t predicts token t + 1
-        summed = nn.functional.cross_entropy(
-            logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return summed / trained_tokens(labels).clamp(min=1)
+        return inputs, logits, targets
+
+    def sft_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean cross-entropy over the batch's response tokens (the loss every stage trains and retention protects).
+
+        The loss is computed here, from the logits, as transformers' causal LM loss does (fp32 logits, labels shifted
+        by one, ``-100`` ignored), for any model class, and divided by at least one token: a batch whose examples
+        were all truncated before their response has a loss of 0 and zero gradients, not NaN.
+        """
+        _, logits, targets = self.forward_logits(batch)
+        return mean_cross_entropy(logits, targets)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.sft_loss(batch)
+        """The SFT loss (logged as ``train/loss``) plus every loss term's value, from one forward pass."""
+        inputs, logits, targets = self.forward_logits(batch)
+        loss = mean_cross_entropy(logits, targets)
         self.log("train/loss", loss, prog_bar=True)
+        for term in self.loss_terms:
+            value = term.loss_term(self.trainer, self, inputs, logits, targets)
+            if value is not None:
+                loss = loss + value
         return loss
 
     @torch.no_grad()
@@ -188,7 +229,7 @@ class HFTModule(pl.LightningModule):
         checkpoint's repetition penalty, n-gram ban, suppressed or forced tokens), so the model carries the greedy
         config for the duration of the call: scores measure plain greedy decoding, whatever the checkpoint ships.
         """
-        causal_lm = self.model.get_base_model() if self.lora is not None else self.model
+        causal_lm = self.causal_lm
         checkpoint_config = causal_lm.generation_config
         causal_lm.generation_config = self.generation_config
         try:
@@ -289,6 +330,19 @@ class HFTModule(pl.LightningModule):
         schedule = StageSchedule(require_plan(self.plan, "HFTModule").stage_steps, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the trained targets (not ``-100``) and divided by their number (at least 1).
+
+    Args:
+        logits: Shape ``[R, L, V]``, fp32.
+        targets: Shape ``[R, L]``.
+    """
+    summed = nn.functional.cross_entropy(
+        logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return summed / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def check_checkpoint_format(checkpoint: dict[str, Any]) -> None:

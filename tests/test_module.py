@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from hft_lightning import HFTModule
 from hft_lightning.errors import ConfigError
@@ -106,3 +107,20 @@ def test_the_loss_is_the_mean_over_response_tokens_and_zero_when_a_batch_has_non
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
+
+
+def test_without_a_term_the_training_step_is_the_sft_loss_bit_for_bit(tiny_data):
+    """The training step computes exactly what it computed before loss terms existed (the formula below)."""
+    module = HFTModule(tiny_data.tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    batch = tiny_data.collate([("code", i) for i in range(4)])
+    module.log = lambda *args, **kwargs: None  # no trainer
+    loss = module.training_step(batch, 0)
+    grads = torch.autograd.grad(loss, list(module.parameters()))
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = logits.logits.float()
+    targets = F.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    summed = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    expected = summed / (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+    assert torch.equal(loss, expected) and torch.equal(module.sft_loss(batch), expected)
+    for g, e in zip(grads, torch.autograd.grad(expected, list(module.parameters())), strict=True):
+        assert torch.equal(g, e)

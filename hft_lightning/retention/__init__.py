@@ -1,14 +1,16 @@
 """Knowledge-retention methods, each a Lightning callback driven by the :class:`~hft_lightning.Curriculum`.
 
-Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC). A method of
-your own subclasses :class:`RetentionCallback` (see docs/retention.md).
+Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC, or KLAnchor's
+loss term with EWC's gradient edit). A method of your own subclasses :class:`RetentionCallback` (see
+docs/retention.md).
 """
 
 from hft_lightning.retention.agem import AGEM
 from hft_lightning.retention.base import RetentionCallback
-from hft_lightning.retention.contracts import HasLoss, StageData
+from hft_lightning.retention.contracts import HasCausalLM, HasLoss, LossTerm, StageData, TakesLossTerms
 from hft_lightning.retention.ewc import EWC
 from hft_lightning.retention.gem import GEM
+from hft_lightning.retention.kl_anchor import KLAnchor
 from hft_lightning.retention.online_ewc import OnlineEWC
 from hft_lightning.retention.parameters import match_names, on_parameters, trainable
 from hft_lightning.retention.replay import Replay
@@ -17,11 +19,15 @@ __all__ = [
     "AGEM",
     "EWC",
     "GEM",
+    "HasCausalLM",
     "HasLoss",
+    "KLAnchor",
+    "LossTerm",
     "OnlineEWC",
     "Replay",
     "RetentionCallback",
     "StageData",
+    "TakesLossTerms",
     "match_names",
     "on_parameters",
     "trainable",

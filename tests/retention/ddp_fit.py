@@ -1,4 +1,4 @@
-"""Fits the tiny three-stage problem with EWC and GEM and saves what each process ends with.
+"""Fits the tiny three-stage problem with EWC, GEM and KLAnchor and saves what each process ends with.
 
 Run as a script, so that Lightning's DDP launcher can start the other processes the same way:
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hft_lightning import Curriculum
 from hft_lightning.errors import ConfigError
 from hft_lightning.planners import Affinity, Decision, Planner, Probe
-from hft_lightning.retention import EWC, GEM
+from hft_lightning.retention import EWC, GEM, KLAnchor
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
 
@@ -66,13 +66,13 @@ def main() -> None:
     parser.add_argument("--ckpt-path")
     parser.add_argument("--planner", choices=list(PLANNERS))
     args = parser.parse_args()
-    ewc, gem = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3)
+    ewc, gem, kl = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3), KLAnchor(beta=1.0)
     checkpoints = []
     if args.checkpoint_every:
         checkpoints = [ModelCheckpoint(args.out / "ckpt", every_n_train_steps=args.checkpoint_every, save_top_k=-1)]
     module, trainer = fit(
         args.out,
-        [ewc, gem, *checkpoints],
+        [ewc, gem, kl, *checkpoints],
         planner=PLANNERS[args.planner]() if args.planner else None,
         data=tiny_datamodule(batch_size=args.batch_size),
         module_overrides={"learning_rate": 1e-20},
@@ -87,6 +87,7 @@ def main() -> None:
         "params": {n: p.detach().clone() for n, p in module.named_parameters()},
         "ewc": ewc.state_dict(),
         "gem": gem.state_dict(),
+        "kl": kl.state_dict(),
     }
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
 

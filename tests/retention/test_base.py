@@ -9,7 +9,18 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay, RetentionCallback, match_names, trainable
+from hft_lightning.module import mean_cross_entropy
+from hft_lightning.retention import (
+    AGEM,
+    EWC,
+    GEM,
+    KLAnchor,
+    OnlineEWC,
+    Replay,
+    RetentionCallback,
+    match_names,
+    trainable,
+)
 from tests.helpers import make_trainer, tiny_datamodule, tiny_module
 from tests.retention.common import fit
 
@@ -29,6 +40,9 @@ from tests.retention.common import fit
         (lambda: AGEM(ref_every=0), "ref_every"),
         (lambda: Replay(memory_size=0), "memory_size"),
         (lambda: Replay(ratio=1.0), "ratio"),
+        (lambda: KLAnchor(beta=-1.0), "beta"),
+        (lambda: KLAnchor(beta=float("nan")), "beta"),
+        (lambda: KLAnchor(chunk_size=0), "chunk_size"),
     ],
 )
 def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
@@ -36,8 +50,17 @@ def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
         make()
 
 
+def test_kl_anchor_arguments_name_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"^KLAnchor\(beta=-1.0\): beta must be >= 0$"):
+        KLAnchor(beta=-1.0)
+    with pytest.raises(ConfigError, match=r"^KLAnchor\(chunk_size=-3\): chunk_size must be > 0$"):
+        KLAnchor(chunk_size=-3)
+    assert KLAnchor(beta=0.0).beta == 0.0  # allowed: exactly plain SFT
+
+
 def test_state_keys_separate_instances_with_different_arguments():
     assert EWC(lam=1.0).state_key != EWC(lam=2.0).state_key
+    assert KLAnchor(beta=1.0).state_key != KLAnchor(beta=2.0).state_key
     assert EWC(lam=1.0).state_key == EWC(lam=1.0).state_key
     assert GEM().state_key != AGEM().state_key
 
@@ -138,3 +161,49 @@ def test_retention_names_what_it_needs_from_the_datamodule_and_the_module(tiny_d
     with pytest.raises(ConfigError, match=r"EWC needs a module that provides HasLoss; Module has no sft_loss$"):
         EWC().setup(SimpleNamespace(strategy=None, datamodule=tiny_data), torch.nn.Module(), "fit")
     EWC().setup(SimpleNamespace(strategy=None, datamodule=tiny_data), tiny_module(tiny_data), "fit")
+    no_terms = SimpleNamespace(sft_loss=None)
+    message = r"_RecordingTerm needs a module that provides TakesLossTerms; SimpleNamespace has no add_loss_term, "
+    with pytest.raises(ConfigError, match=message + "remove_loss_term$"):
+        _RecordingTerm([]).setup(SimpleNamespace(strategy=None, datamodule=tiny_data), no_terms, "fit")
+
+
+class _RecordingTerm(RetentionCallback):
+    """A loss term of 0.5 * the SFT loss and a gradient edit, each recording when it runs."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events = events
+
+    def loss_term(self, trainer, pl_module, inputs, logits, targets):
+        term = 0.5 * mean_cross_entropy(logits, targets)
+        self.events.append(("term", float(term.detach())))
+        return term
+
+    def edit_gradients(self, trainer, pl_module, params):
+        self.events.append(("edit", None))
+
+
+class _Backward(Callback):
+    def __init__(self, events):
+        self.events = events
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.events.append(("backward", float(loss.detach())))
+
+
+def test_loss_terms_run_in_every_micro_batch_before_backward_and_edits_once_after_accumulation(tmp_path):
+    events = []
+    data = tiny_datamodule()
+    module = tiny_module(data)
+
+    def record_clipping(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        events.append(("clip", None))
+
+    module.configure_gradient_clipping = record_clipping
+    callbacks = [Curriculum([Stage("math", 2, {"math": 1.0})]), _Backward(events), _RecordingTerm(events)]
+    trainer = make_trainer(tmp_path, callbacks, accumulate_grad_batches=2, gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=data)
+    assert [kind for kind, _ in events] == ["term", "backward", "term", "backward", "edit", "clip"] * 2
+    assert module.loss_terms == []  # the term is taken off the module when fit ends
+    for (_, term), (_, loss) in zip(events[0::6] + events[2::6], events[1::6] + events[3::6], strict=True):
+        torch.testing.assert_close(loss, 3 * term / 2, rtol=1e-5, atol=0)  # (SFT + 0.5 SFT) / 2 micro-batches

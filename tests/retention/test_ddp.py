@@ -1,7 +1,8 @@
 """Under DDP (2 processes, gloo, CPU) every process ends with the same retention state as one process would.
 
 Both runs train on the same global batches (2 x 4 examples, or 8 on one process) at a negligible learning rate,
-so the Fisher, the anchors and the GEM reference gradients are estimated at the same weights and must agree.
+so the Fisher, the anchors, the GEM reference gradients and the KL anchor's reference are estimated at the same
+weights and must agree.
 """
 
 import json
@@ -66,8 +67,9 @@ def test_every_process_holds_the_same_state(runs):
 def test_state_equals_one_process_with_the_same_global_batches(runs):
     rank0, _, single = runs
     assert single[".world_size"] == 1
-    compared = [path for path in rank0 if path.startswith((".ewc", ".gem"))]
+    compared = [path for path in rank0 if path.startswith((".ewc", ".gem", ".kl"))]
     assert any(".fisher." in p for p in compared) and any(".refs." in p for p in compared)
+    assert any(p.startswith(".kl.reference.") for p in compared)
     assert any(".memory.items." in p for p in compared)
     for path in compared:
         value, expected = rank0[path], single[path]

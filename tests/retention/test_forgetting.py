@@ -4,7 +4,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from hft_lightning import Stage
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay
+from hft_lightning.retention import AGEM, EWC, GEM, KLAnchor, OnlineEWC, Replay
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
 
@@ -34,7 +34,8 @@ def rise_without_retention(tmp_path_factory):
 
 # Measured on this problem (seed 0): no retention +0.92; EWC +0.24, online EWC +0.24, GEM +0.70, A-GEM +0.49,
 # Replay -0.38, Replay+EWC +0.04, Replay+GEM -0.20. The bounds leave room for platform noise and fail if a
-# method stops acting.
+# method stops acting. KLAnchor, measured when it was added (no retention then rose +2.76, Replay -0.18): beta=10
+# +0.26 (beta=1 +1.44), Replay+KLAnchor(beta=10) +0.01.
 @pytest.mark.parametrize(
     ("make_callbacks", "max_ratio"),
     [
@@ -45,8 +46,13 @@ def rise_without_retention(tmp_path_factory):
         (lambda: [Replay(memory_size=32)], 0.0),
         (lambda: [Replay(memory_size=32), EWC(lam=1e5)], 0.5),
         (lambda: [Replay(memory_size=32), GEM(memory_size=16)], 0.5),
+        # 120 steps with a reference forward each: end-to-end, so marked slow (the suite's budget for a new method)
+        pytest.param(lambda: [KLAnchor(beta=10.0)], 0.3, marks=pytest.mark.slow, id="kl_anchor"),
+        pytest.param(
+            lambda: [Replay(memory_size=32), KLAnchor(beta=10.0)], 0.2, marks=pytest.mark.slow, id="replay+kl_anchor"
+        ),
     ],
-    ids=["ewc", "online_ewc", "gem", "agem", "replay", "replay+ewc", "replay+gem"],
+    ids=["ewc", "online_ewc", "gem", "agem", "replay", "replay+ewc", "replay+gem", "kl_anchor", "replay+kl_anchor"],
 )
 def test_retention_reduces_forgetting(tmp_path, rise_without_retention, make_callbacks, max_ratio):
     assert rise_without_retention > 0.5  # the problem forgets plainly: math loss rises while code trains

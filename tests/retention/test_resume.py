@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import Curriculum
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay
+from hft_lightning.retention import AGEM, EWC, GEM, KLAnchor, OnlineEWC, Replay
 from tests.helpers import make_trainer, tiny_module
 from tests.retention.common import THREE_STAGES
 
@@ -44,8 +44,19 @@ def _fit(data, root, callbacks, ckpt_path=None, checkpoint=None):
         lambda: [AGEM(memory_size=4, batch_size=2)],
         lambda: [AGEM(memory_size=4, batch_size=2, ref_every=4)],
         lambda: [Replay(memory_size=4), EWC(lam=1e4, fisher_samples=2)],
+        lambda: [KLAnchor(beta=1.0, chunk_size=16)],
+        lambda: [Replay(memory_size=4), KLAnchor(beta=1.0), EWC(lam=1e4, fisher_samples=2)],
     ],
-    ids=["ewc", "online_ewc", "gem_ref_every_3", "agem", "agem_ref_every_4", "replay+ewc"],
+    ids=[
+        "ewc",
+        "online_ewc",
+        "gem_ref_every_3",
+        "agem",
+        "agem_ref_every_4",
+        "replay+ewc",
+        "kl_anchor",
+        "replay+kl+ewc",
+    ],
 )
 def test_resume_mid_stage_after_consolidation_equals_uninterrupted(tiny_data, tmp_path, make_callbacks):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
