@@ -1,13 +1,15 @@
 """Knowledge-retention methods, each a Lightning callback driven by the :class:`~hft_lightning.Curriculum`.
 
 Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC). A method of
-your own subclasses :class:`RetentionCallback` (see docs/retention.md).
+your own subclasses :class:`RetentionCallback` (see docs/retention.md). :class:`ForgettingBudget` watches every
+trained ability during training and acts on the retention callbacks when one falls out of its budget.
 """
 
 from hft_lightning.retention.agem import AGEM
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.contracts import HasLoss, StageData
 from hft_lightning.retention.ewc import EWC
+from hft_lightning.retention.forgetting_budget import ForgettingBudget
 from hft_lightning.retention.gem import GEM
 from hft_lightning.retention.online_ewc import OnlineEWC
 from hft_lightning.retention.parameters import match_names, on_parameters, trainable
@@ -17,6 +19,7 @@ __all__ = [
     "AGEM",
     "EWC",
     "GEM",
+    "ForgettingBudget",
     "HasLoss",
     "OnlineEWC",
     "Replay",
