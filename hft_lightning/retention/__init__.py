@@ -2,13 +2,15 @@
 
 Add them to ``trainer.callbacks`` after the curriculum; they compose (for example Replay with EWC, or KLAnchor's
 loss term with EWC's gradient edit). A method of your own subclasses :class:`RetentionCallback` (see
-docs/retention.md).
+docs/retention.md). :class:`ForgettingBudget` watches every trained ability during training and acts on the
+retention callbacks when one falls out of its budget.
 """
 
 from hft_lightning.retention.agem import AGEM
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.contracts import HasCausalLM, HasLoss, LossTerm, StageData, TakesLossTerms
 from hft_lightning.retention.ewc import EWC
+from hft_lightning.retention.forgetting_budget import ForgettingBudget
 from hft_lightning.retention.gem import GEM
 from hft_lightning.retention.kl_anchor import KLAnchor
 from hft_lightning.retention.online_ewc import OnlineEWC
@@ -19,6 +21,7 @@ __all__ = [
     "AGEM",
     "EWC",
     "GEM",
+    "ForgettingBudget",
     "HasCausalLM",
     "HasLoss",
     "KLAnchor",

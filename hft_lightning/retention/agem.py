@@ -7,6 +7,7 @@ forward/backward pass per refresh instead of k, and one fp32 copy of the trainab
 new batch at every step (``ref_every=1``); ``ref_every > 1`` reuses the reference for that many steps
 (:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). The batch is drawn
 from a generator seeded by the data seed and the step, so a resumed run draws what the uninterrupted run drew.
+Like GEM, A-GEM has no strength knob: :meth:`~hft_lightning.retention.RetentionCallback.strengthen` changes nothing.
 """
 
 from __future__ import annotations

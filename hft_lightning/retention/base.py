@@ -78,11 +78,7 @@ class RetentionCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(self).__name__
-        if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
-            raise ConfigError(
-                f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
-                "(its state is not sharded); use a single device or strategy=ddp"
-            )
+        refuse_sharded(trainer, name)
         if stage != "fit":
             return
         needs = [("datamodule", trainer.datamodule, StageData), ("module", pl_module, HasLoss)]
@@ -162,4 +158,18 @@ class RetentionCallback(Callback):
         if trainer.sanity_checking:
             return
         params = {name: p for name, p in trainable(pl_module).items() if p.grad is not None}
-        self.edit_gradients(trainer, pl_module, params)
+        if params:  # none: the step is skipped (a ForgettingBudget stopped the stage)
+            self.edit_gradients(trainer, pl_module, params)
+
+
+def refuse_sharded(trainer: pl.Trainer, name: str) -> None:
+    """Refuses the sharded strategies, whose parameters no callback state here is shaped for.
+
+    Raises:
+        ConfigError: Naming the callback ``name`` and ``trainer.strategy``.
+    """
+    if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+        raise ConfigError(
+            f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
+            "(its state is not sharded); use a single device or strategy=ddp"
+        )

@@ -31,7 +31,8 @@ class EWC(RetentionCallback):
     reservoir sampling from the examples the stage trained on).
 
     Args:
-        lam: Penalty strength lambda (> 0).
+        lam: Penalty strength lambda (> 0); it acts as ``lam * strength_scale``
+            (:meth:`~hft_lightning.retention.RetentionCallback.strengthen`).
         fisher_samples: Examples per ability used to estimate each stage's Fisher diagonal (> 0).
 
     Example::
@@ -82,7 +83,7 @@ class EWC(RetentionCallback):
                     [state["anchor"][name] for name in params],
                     [state["fisher"][name] for name in params],
                     grads,
-                    self.lam,
+                    self.lam * self.strength_scale,
                 )
                 for state in self.consolidated
             ]

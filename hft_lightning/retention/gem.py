@@ -10,7 +10,8 @@ ability: to first order, no remembered ability's loss increases. When no constra
 The paper recomputes the references at every step (``ref_every=1``): k extra forward/backward passes on the
 memory per step. ``ref_every > 1`` reuses them for that many steps, trading exactness for speed
 (:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). Memory: k fp32 copies
-of the trainable parameters.
+of the trainable parameters. GEM has no strength knob (the projection removes exactly the conflicting part, no more):
+:meth:`~hft_lightning.retention.RetentionCallback.strengthen` changes nothing.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ class OnlineEWC(RetentionCallback):
     """EWC with a single decaying Fisher and the latest stage end as anchor.
 
     Args:
-        lam: Penalty strength lambda (> 0).
+        lam: Penalty strength lambda (> 0); it acts as ``lam * strength_scale``
+            (:meth:`~hft_lightning.retention.RetentionCallback.strengthen`).
         gamma: Decay of the running Fisher at each stage end, in (0, 1]; 1 sums the stages' Fishers.
         fisher_samples: Examples per ability used to estimate each stage's Fisher diagonal (> 0); see
             :class:`~hft_lightning.retention.EWC` for the estimator.
@@ -81,7 +82,7 @@ class OnlineEWC(RetentionCallback):
             [self.anchor[name] for name in params],
             [self.fisher[name] for name in params],
             [p.grad for p in theta],
-            self.lam,
+            self.lam * self.strength_scale,
         )
         pl_module.log("retention/ewc_penalty", penalty)
 

@@ -23,13 +23,18 @@ from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.memory import ExampleMemory
 from hft_lightning.seeds import derive_seed
 
+MAX_RATIO = 0.75
+"""The most strengthening raises Replay's ratio to: every batch keeps a quarter of the stage's own examples."""
+
 
 class Replay(RetentionCallback):
     """Replaces a share of every training batch with remembered examples of the abilities learned so far.
 
     Args:
         memory_size: Examples remembered per ability (> 0).
-        ratio: Share of every batch taken from the memory, in (0, 1).
+        ratio: Share of every batch taken from the memory, in (0, 1). Strengthened
+            (:meth:`~hft_lightning.retention.RetentionCallback.strengthen`), it acts as ``ratio * strength_scale``
+            capped at :data:`MAX_RATIO`, never below ``ratio``.
 
     Example::
 
@@ -57,7 +62,7 @@ class Replay(RetentionCallback):
         if not abilities:
             return
         size = len(batch["input_ids"])
-        num_replayed = max(1, round(self.ratio * size))
+        num_replayed = max(1, round(max(self.ratio, min(self.ratio * self.strength_scale, MAX_RATIO)) * size))
         stage_index = self.plan.stage_index(trainer.current_epoch)
         seed = derive_seed(trainer.datamodule.seed, "replay", stage_index, batch_idx, trainer.global_rank)
         generator = torch.Generator().manual_seed(seed)

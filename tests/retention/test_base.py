@@ -15,6 +15,7 @@ from hft_lightning.retention import (
     EWC,
     GEM,
     KLAnchor,
+    ForgettingBudget,
     OnlineEWC,
     Replay,
     RetentionCallback,
@@ -43,6 +44,8 @@ from tests.retention.common import fit
         (lambda: KLAnchor(beta=-1.0), "beta"),
         (lambda: KLAnchor(beta=float("nan")), "beta"),
         (lambda: KLAnchor(chunk_size=0), "chunk_size"),
+        (lambda: ForgettingBudget(tau=-1.0), "tau"),
+        (lambda: ForgettingBudget(policy="retry"), "policy"),
     ],
 )
 def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
