@@ -12,6 +12,7 @@ from hft_lightning.retention.gem import GEM
 from hft_lightning.retention.online_ewc import OnlineEWC
 from hft_lightning.retention.parameters import match_names, on_parameters, trainable
 from hft_lightning.retention.replay import Replay
+from hft_lightning.retention.weight_averaging import WeightAveraging
 
 __all__ = [
     "AGEM",
@@ -22,6 +23,7 @@ __all__ = [
     "Replay",
     "RetentionCallback",
     "StageData",
+    "WeightAveraging",
     "match_names",
     "on_parameters",
     "trainable",

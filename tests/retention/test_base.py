@@ -9,7 +9,17 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay, RetentionCallback, match_names, trainable
+from hft_lightning.retention import (
+    AGEM,
+    EWC,
+    GEM,
+    OnlineEWC,
+    Replay,
+    RetentionCallback,
+    WeightAveraging,
+    match_names,
+    trainable,
+)
 from tests.helpers import make_trainer, tiny_datamodule, tiny_module
 from tests.retention.common import fit
 
@@ -29,6 +39,10 @@ from tests.retention.common import fit
         (lambda: AGEM(ref_every=0), "ref_every"),
         (lambda: Replay(memory_size=0), "memory_size"),
         (lambda: Replay(ratio=1.0), "ratio"),
+        (lambda: WeightAveraging(alphas=()), "alphas"),
+        (lambda: WeightAveraging(alphas=(0.5, 1.5)), "alphas"),
+        (lambda: WeightAveraging(alphas=(-0.1,)), "alphas"),
+        (lambda: WeightAveraging(probe_examples=0), "probe_examples"),
     ],
 )
 def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
