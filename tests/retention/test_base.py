@@ -39,6 +39,8 @@ from tests.retention.common import fit
         (lambda: AGEM(ref_every=0), "ref_every"),
         (lambda: Replay(memory_size=0), "memory_size"),
         (lambda: Replay(ratio=1.0), "ratio"),
+        (lambda: Replay(share=0.0), "share"),
+        (lambda: Replay(share=1.0), "share"),
         (lambda: WeightAveraging(alphas=()), "alphas"),
         (lambda: WeightAveraging(alphas=(0.5, 1.5)), "alphas"),
         (lambda: WeightAveraging(alphas=(-0.1,)), "alphas"),
@@ -48,6 +50,13 @@ from tests.retention.common import fit
 def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
     with pytest.raises(ConfigError, match=rf"\({argument}="):
         make()
+
+
+def test_replay_takes_a_ratio_or_a_share_not_both():
+    with pytest.raises(ConfigError, match=r"Replay\(ratio=0\.5, share=0\.1\): give ratio .* or share .*, not both"):
+        Replay(ratio=0.5, share=0.1)
+    assert Replay().ratio == 0.25 and Replay(share=0.1).ratio is None
+    assert Replay().state_key == "Replay{'memory_size': 256, 'ratio': 0.25}"  # as before `share`: checkpoints load
 
 
 def test_state_keys_separate_instances_with_different_arguments():

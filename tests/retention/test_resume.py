@@ -44,9 +44,10 @@ def _fit(data, root, callbacks, ckpt_path=None, checkpoint=None):
         lambda: [AGEM(memory_size=4, batch_size=2)],
         lambda: [AGEM(memory_size=4, batch_size=2, ref_every=4)],
         lambda: [Replay(memory_size=4), EWC(lam=1e4, fisher_samples=2)],
+        lambda: [Replay(memory_size=4, share=0.3)],
         lambda: [WeightAveraging(alphas=(0.25, 0.5), probe_examples=2)],
     ],
-    ids=["ewc", "online_ewc", "gem_ref_every_3", "agem", "agem_ref_every_4", "replay+ewc", "wa_grid"],
+    ids=["ewc", "online_ewc", "gem_ref_every_3", "agem", "agem_ref_every_4", "replay+ewc", "replay_share", "wa_grid"],
 )
 def test_resume_mid_stage_after_consolidation_equals_uninterrupted(tiny_data, tmp_path, make_callbacks):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
