@@ -16,6 +16,7 @@ from hft_lightning.retention.kl_anchor import KLAnchor
 from hft_lightning.retention.online_ewc import OnlineEWC
 from hft_lightning.retention.parameters import match_names, on_parameters, trainable
 from hft_lightning.retention.replay import Replay
+from hft_lightning.retention.weight_averaging import WeightAveraging
 
 __all__ = [
     "AGEM",
@@ -31,6 +32,7 @@ __all__ = [
     "RetentionCallback",
     "StageData",
     "TakesLossTerms",
+    "WeightAveraging",
     "match_names",
     "on_parameters",
     "trainable",

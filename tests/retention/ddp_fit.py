@@ -1,4 +1,4 @@
-"""Fits the tiny three-stage problem with EWC, GEM and KLAnchor and saves what each process ends with.
+"""Fits the tiny three-stage problem with EWC, GEM, KLAnchor and WeightAveraging and saves what each process ends with.
 
 Run as a script, so that Lightning's DDP launcher can start the other processes the same way:
 
@@ -10,7 +10,8 @@ Run as a script, so that Lightning's DDP launcher can start the other processes 
 measurement differs on every process; ``--planner failing`` with one that raises.
 
 The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
-their retention state must agree. Each process writes ``OUT/rank<r>.pt``.
+their retention state must agree (WeightAveraging's alpha choices included; its wall-clock seconds are left out).
+Each process writes ``OUT/rank<r>.pt``.
 """
 
 import argparse
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hft_lightning import Curriculum
 from hft_lightning.errors import ConfigError
 from hft_lightning.planners import Affinity, Decision, Planner, Probe
-from hft_lightning.retention import EWC, GEM, KLAnchor
+from hft_lightning.retention import EWC, GEM, KLAnchor, WeightAveraging
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
 
@@ -67,12 +68,13 @@ def main() -> None:
     parser.add_argument("--planner", choices=list(PLANNERS))
     args = parser.parse_args()
     ewc, gem, kl = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3), KLAnchor(beta=1.0)
+    averaging = WeightAveraging(alphas=(0.5, 1.0), probe_examples=4)
     checkpoints = []
     if args.checkpoint_every:
         checkpoints = [ModelCheckpoint(args.out / "ckpt", every_n_train_steps=args.checkpoint_every, save_top_k=-1)]
     module, trainer = fit(
         args.out,
-        [ewc, gem, kl, *checkpoints],
+        [ewc, gem, kl, averaging, *checkpoints],
         planner=PLANNERS[args.planner]() if args.planner else None,
         data=tiny_datamodule(batch_size=args.batch_size),
         module_overrides={"learning_rate": 1e-20},
@@ -88,6 +90,7 @@ def main() -> None:
         "ewc": ewc.state_dict(),
         "gem": gem.state_dict(),
         "kl": kl.state_dict(),
+        "wa": {"merges": [{k: v for k, v in m.items() if k != "seconds"} for m in averaging.merges]},
     }
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
 

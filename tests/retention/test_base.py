@@ -14,11 +14,12 @@ from hft_lightning.retention import (
     AGEM,
     EWC,
     GEM,
-    KLAnchor,
     ForgettingBudget,
+    KLAnchor,
     OnlineEWC,
     Replay,
     RetentionCallback,
+    WeightAveraging,
     match_names,
     trainable,
 )
@@ -46,6 +47,12 @@ from tests.retention.common import fit
         (lambda: KLAnchor(chunk_size=0), "chunk_size"),
         (lambda: ForgettingBudget(tau=-1.0), "tau"),
         (lambda: ForgettingBudget(policy="retry"), "policy"),
+        (lambda: Replay(share=0.0), "share"),
+        (lambda: Replay(share=1.0), "share"),
+        (lambda: WeightAveraging(alphas=()), "alphas"),
+        (lambda: WeightAveraging(alphas=(0.5, 1.5)), "alphas"),
+        (lambda: WeightAveraging(alphas=(-0.1,)), "alphas"),
+        (lambda: WeightAveraging(probe_examples=0), "probe_examples"),
     ],
 )
 def test_bad_arguments_fail_in_init_naming_the_argument(make, argument):
@@ -59,6 +66,13 @@ def test_kl_anchor_arguments_name_the_allowed_values():
     with pytest.raises(ConfigError, match=r"^KLAnchor\(chunk_size=-3\): chunk_size must be > 0$"):
         KLAnchor(chunk_size=-3)
     assert KLAnchor(beta=0.0).beta == 0.0  # allowed: exactly plain SFT
+
+
+def test_replay_takes_a_ratio_or_a_share_not_both():
+    with pytest.raises(ConfigError, match=r"Replay\(ratio=0\.5, share=0\.1\): give ratio .* or share .*, not both"):
+        Replay(ratio=0.5, share=0.1)
+    assert Replay().ratio == 0.25 and Replay(share=0.1).ratio is None
+    assert Replay().state_key == "Replay{'memory_size': 256, 'ratio': 0.25}"  # as before `share`: checkpoints load
 
 
 def test_state_keys_separate_instances_with_different_arguments():

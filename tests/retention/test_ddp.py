@@ -67,9 +67,10 @@ def test_every_process_holds_the_same_state(runs):
 def test_state_equals_one_process_with_the_same_global_batches(runs):
     rank0, _, single = runs
     assert single[".world_size"] == 1
-    compared = [path for path in rank0 if path.startswith((".ewc", ".gem", ".kl"))]
+    compared = [path for path in rank0 if path.startswith((".ewc", ".gem", ".kl", ".wa"))]
     assert any(".fisher." in p for p in compared) and any(".refs." in p for p in compared)
     assert any(p.startswith(".kl.reference.") for p in compared)
+    assert any(".merges.1.alpha" in p for p in compared)
     assert any(".memory.items." in p for p in compared)
     for path in compared:
         value, expected = rank0[path], single[path]

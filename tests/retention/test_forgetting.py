@@ -4,7 +4,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from hft_lightning import Stage
-from hft_lightning.retention import AGEM, EWC, GEM, ForgettingBudget, KLAnchor, OnlineEWC, Replay
+from hft_lightning.retention import AGEM, EWC, GEM, ForgettingBudget, KLAnchor, OnlineEWC, Replay, WeightAveraging
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
 
@@ -36,6 +36,9 @@ def rise_without_retention(tmp_path_factory):
 # Replay -0.38, Replay+EWC +0.04, Replay+GEM -0.20. The bounds leave room for platform noise and fail if a
 # method stops acting. KLAnchor, measured when it was added (no retention then rose +2.76, Replay -0.18): beta=10
 # +0.26 (beta=1 +1.44), Replay+KLAnchor(beta=10) +0.01.
+# Measured when WeightAveraging was added, no retention rising +1.68: WeightAveraging
+# (alpha 0.5, the code stage merged with its start) +0.50, Replay+WeightAveraging -0.17. The bounds leave room for
+# platform noise and fail if a method stops acting.
 @pytest.mark.parametrize(
     ("make_callbacks", "max_ratio"),
     [
@@ -51,8 +54,22 @@ def rise_without_retention(tmp_path_factory):
         pytest.param(
             lambda: [Replay(memory_size=32), KLAnchor(beta=10.0)], 0.2, marks=pytest.mark.slow, id="replay+kl_anchor"
         ),
+        (lambda: [WeightAveraging(alphas=(0.5,))], 0.5),
+        (lambda: [Replay(memory_size=32), WeightAveraging(alphas=(0.5,))], 0.2),
     ],
-    ids=["ewc", "online_ewc", "gem", "agem", "replay", "replay+ewc", "replay+gem", "kl_anchor", "replay+kl_anchor"],
+    ids=[
+        "ewc",
+        "online_ewc",
+        "gem",
+        "agem",
+        "replay",
+        "replay+ewc",
+        "replay+gem",
+        "kl_anchor",
+        "replay+kl_anchor",
+        "wa",
+        "replay+wa",
+    ],
 )
 def test_retention_reduces_forgetting(tmp_path, rise_without_retention, make_callbacks, max_ratio):
     assert rise_without_retention > 0.5  # the problem forgets plainly: math loss rises while code trains

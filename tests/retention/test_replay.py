@@ -3,6 +3,7 @@
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from hft_lightning import Stage
 from hft_lightning.retention import Replay
 from tests.retention.common import fit
 
@@ -47,3 +48,41 @@ def test_replayed_rows_are_padded_like_the_collator_pads(tmp_path, tiny_data):
         lengths = batch["attention_mask"].sum(1, keepdim=True)
         positions = torch.arange(batch["attention_mask"].shape[1])
         assert torch.equal(batch["attention_mask"].bool(), positions < lengths)  # right padding, no holes
+
+
+SHARE_STAGES = [Stage("math", 2, {"math": 1.0}), Stage("code", 8, {"code": 1.0})]
+
+
+def _replayed_rows(data, stage_index, batches):
+    """Per batch of the stage, the rows replaced by Replay: a suffix of the batch, counted against the sampler's."""
+    items = list(data.stage_stream(stage_index))
+    counts = []
+    for b, batch in enumerate(batches):
+        size = len(batch["input_ids"])
+        own = _responses(data.tokenizer, data.collate(items[b * size : (b + 1) * size]))
+        replaced = [got != mine for got, mine in zip(_responses(data.tokenizer, batch), own, strict=True)]
+        counts.append(sum(replaced))
+        assert replaced == sorted(replaced), replaced  # the replayed rows are the last ones
+    return counts
+
+
+def test_a_share_of_the_stage_is_replayed_spread_evenly_and_deterministically(tmp_path, tiny_data):
+    runs = []
+    for run in ("a", "b"):
+        recorder = BatchRecorder()
+        fit(tmp_path / run, [Replay(memory_size=6, share=0.15), recorder], data=tiny_data, stages=SHARE_STAGES)
+        runs.append([batch for stage, batch in recorder.batches if stage == 1])
+    # round(0.15 * 8 batches * 4 rows) = 5 rows; batch b replaces floor((b + 1) * 5 / 8) - floor(b * 5 / 8)
+    assert _replayed_rows(tiny_data, 1, runs[0]) == [0, 1, 0, 1, 1, 0, 1, 1]
+    for a, b in zip(*runs, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_the_share_follows_the_strength_up_to_every_row():
+    replay = Replay(share=0.15)
+    rows = lambda: [replay._rows_from_share(8, 4, b) for b in range(8)]  # noqa: E731
+    assert sum(rows()) == 5
+    replay.strengthen(2.0)
+    assert sum(rows()) == round(0.3 * 32) == 10 and max(rows()) - min(rows()) <= 1
+    replay.strengthen(100.0)
+    assert rows() == [4] * 8
