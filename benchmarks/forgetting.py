@@ -121,7 +121,8 @@ def run(method: str, seed: int, settings: Settings) -> dict[str, Any]:
         settings: The benchmark's regime, sizes and folders.
 
     Returns:
-        ``{"config", "seed", "num_val", "wall_s", "metrics"}``, ``metrics`` the run's ``report/metrics.json``.
+        ``{"config", "seed", "num_val", "device", "wall_s", "metrics"}``, ``metrics`` the run's
+        ``report/metrics.json``, ``device`` the machine it trained on (a reused run keeps its own).
     """
     num_val = settings.num_val
     directory = settings.runs / settings.regime / method / f"seed{seed}"
@@ -150,7 +151,15 @@ def run(method: str, seed: int, settings: Settings) -> dict[str, Any]:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"{method} seed {seed} failed (exit {returncode}), log {log_path}:\n{tail}")
     metrics = json.loads((directory / "report" / "metrics.json").read_text())
-    record = {"config": config, "seed": seed, "num_val": num_val, "wall_s": wall_s, "metrics": metrics}
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    record = {
+        "config": config,
+        "seed": seed,
+        "num_val": num_val,
+        "device": device,
+        "wall_s": wall_s,
+        "metrics": metrics,
+    }
     temporary = record_path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=1))
     os.replace(temporary, record_path)
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = {m: [futures[m, s].result() for s in args.seeds] for m in args.methods}
     results = {
         "regime": args.regime,
-        "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "device": ", ".join(sorted({r["device"] for rs in records.values() for r in rs})),
         "date": datetime.date.today().isoformat(),
         "seeds": args.seeds,
         "scale": args.scale,
