@@ -50,10 +50,12 @@ def test_every_config_parses_and_starts_with_its_command(path, monkeypatch, tiny
 def test_custom_data_config_trains_on_the_example_files(monkeypatch):
     monkeypatch.chdir(ROOT)
     data = main(["--config", str(ROOT / "configs" / "custom_data.yaml")], run=False).datamodule
-    assert data.ability_names == ["chat", "words"]
-    chat, words = data.abilities
+    assert data.ability_names == ["chat", "words", "language"]
+    chat, words, language = data.abilities
     assert any(len(e.history) > 1 for e in chat.train)  # multi-turn conversations, after a system prompt
     assert all(e.reference["answer"] in e.response for e in chat.val) and words.val[0].reference
+    assert {e.history[0]["role"] for e in language.train} == {"system"}  # a system column or a first system turn
+    assert all(e.reference["answer"] in e.response for e in language.val) and len(language.val) >= 4
 
 
 def test_model_name_or_path_alone_names_the_model_and_its_tokenizer(tiny_pretrained):

@@ -4,8 +4,9 @@ Every ability source (the built-in generators, user files) produces :class:`Exam
 tokenisation, masking, batching and scoring code downstream never needs to know where data came from.
 
 A single-turn example is a prompt and a response. A multi-turn one also carries the earlier turns in
-``history`` (a system prompt, earlier user and assistant turns): every assistant turn is trained, and
-generation is scored on the last one, prompted with everything before it.
+``history`` (a system prompt, earlier user and assistant turns): every assistant turn is trained (unless
+``train_history`` is off: then only the response is), and generation is scored on the last one, prompted with
+everything before it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ class Example:
             unit tests, instruction constraints).
         history: Messages before ``prompt`` (``{"role": ..., "content": ...}``, roles from :data:`ROLES`),
             oldest first: a system prompt and earlier turns. Empty for a single-turn example.
+        train_history: Whether the assistant turns of ``history`` are trained too (a conversation: every
+            assistant turn is) or are context only (TRL's prompt/completion: the loss is on the completion alone).
     """
 
     prompt: str
     response: str
     reference: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, str]] = field(default_factory=list)
+    train_history: bool = True
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:

@@ -74,9 +74,11 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> dict
 
     Returns:
         ``input_ids`` and ``labels`` (``-100`` outside the assistant turns, all of them trained in a multi-turn
-        conversation), both of shape ``[T]``. A token is trained if it holds a character of an assistant turn.
+        conversation unless ``example.train_history`` is off, then the last one only), both of shape ``[T]``. A
+        token is trained if it holds a character of a trained assistant turn.
     """
     text, spans = assistant_spans(tokenizer, example.messages)
+    spans = spans if example.train_history else spans[-1:]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = torch.tensor(encoded["input_ids"])
     trained = [

@@ -9,6 +9,7 @@ the ``builtin:<name>`` strings, and LightningCLI parses it from YAML::
         - {name: chat, train: data/chat.jsonl, scorer: none}
         - {name: gsm8k, train: data/gsm8k/, val: data/gsm8k_test.jsonl, scorer: exact_match,
            answer_pattern: '#### (\S+)'}
+        - {name: support, train: data/sharegpt.jsonl, scorer: none, user_tag: user, assistant_tag: assistant}
 
 Loading checks every record once, in file order, and keeps only its key (see :mod:`hft_lightning.data.files`):
 a mistake anywhere in the data stops the run before training, with the file, the line and the field. Without a
@@ -25,7 +26,7 @@ import re
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Literal, get_args
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -33,11 +34,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from hft_lightning.data.ability import Ability, in_validation_bucket
 from hft_lightning.data.example import Example
 from hft_lightning.data.files import DataFile, open_data_files
-from hft_lightning.data.shapes import RecordError, Shape, detect_shape, json_type, to_example
+from hft_lightning.data.shapes import RecordError, Shape, ShareGPTTags, detect_shape, json_type, to_example
 from hft_lightning.errors import ConfigError
 from hft_lightning.scoring import build_scorer, extract_answer
 
-ShapeName = Literal["auto", "messages", "prompt_response", "alpaca"]
+ShapeName = Literal["auto", "messages", "sharegpt", "prompt_completion", "prompt_response", "alpaca"]
 FileScorerName = Literal["exact_match", "code_exec", "contains", "none"]
 """The scorers of :func:`hft_lightning.scoring.build_scorer` whose reference a record provides."""
 
@@ -58,8 +59,10 @@ class AbilitySource:
             out of the accuracy matrix).
         val: Validation data, like ``train``. Without it, ``val_fraction`` of ``train`` is held out by hashing each
             prompt. At most ``data.num_val`` validation examples are used, the first in file order.
-        shape: Record shape: ``messages`` (a conversation), ``prompt_response`` or ``alpaca``
-            (``instruction``/``input``/``output``); ``auto`` detects it per file from the first record's keys.
+        shape: Record shape: ``messages`` (a conversation of role/content messages), ``sharegpt`` (LLaMA-Factory's
+            ``conversations`` of from/value turns), ``prompt_completion`` (TRL's, strings or lists of messages; only
+            the completion is trained), ``prompt_response`` or ``alpaca`` (``instruction``/``input``/``output``);
+            ``auto`` detects it per file from the first record's keys, trying them in this order.
         answer_pattern: For ``exact_match`` and ``contains``: a regular expression whose first group is the answer,
             taken from its last match in the reference response and in the generation. Without it, the whole
             stripped response is the answer.
@@ -67,6 +70,14 @@ class AbilitySource:
         val_fraction: Share of ``train`` held out for validation when no ``val`` is given, in (0, 1).
         skip_bad_lines: Skip records that do not fit their shape (with a warning giving their count and the
             first error) instead of stopping at the first one.
+        conversations_key: For ``sharegpt``: the record field holding the conversation (it also identifies the
+            shape when detecting it). A ``system`` field, if any, is the system prompt.
+        role_tag: For ``sharegpt``: the field of a turn that names its speaker (LLaMA-Factory's ``role_tag``).
+        content_tag: For ``sharegpt``: the field of a turn that holds its text (LLaMA-Factory's ``content_tag``).
+        user_tag: For ``sharegpt``: the speaker of a user turn. Tool turns (``observation``, ``function_call``) are
+            refused until tools are supported.
+        assistant_tag: For ``sharegpt``: the speaker of an assistant turn, the one trained and scored.
+        system_tag: For ``sharegpt``: the speaker of a system prompt turn, allowed as the first turn only.
     """
 
     name: str
@@ -78,6 +89,20 @@ class AbilitySource:
     tests_field: str = "tests"
     val_fraction: float = 0.1
     skip_bad_lines: bool = False
+    # LLaMA-Factory's names by default, kept in one place: the class attributes of ShareGPTTags
+    conversations_key: str = ShareGPTTags.key
+    role_tag: str = ShareGPTTags.role
+    content_tag: str = ShareGPTTags.content
+    user_tag: str = ShareGPTTags.user
+    assistant_tag: str = ShareGPTTags.assistant
+    system_tag: str = ShareGPTTags.system
+
+    @cached_property  # frozen, so computed once, not per record
+    def tags(self) -> ShareGPTTags:
+        """The names of a ``sharegpt`` record's parts."""
+        return ShareGPTTags(
+            self.conversations_key, self.role_tag, self.content_tag, self.user_tag, self.assistant_tag, self.system_tag
+        )
 
     def load(self, num_train: int | None, num_val: int, seed: int) -> Ability:
         """Checks every record, splits them, and returns the ability; examples are read from disk on access.
@@ -118,6 +143,7 @@ class AbilitySource:
                 raise ConfigError(f"{field}.{key}: unknown {key} {value!r}; allowed: {', '.join(get_args(allowed))}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{field}.val_fraction must be in (0, 1), got {self.val_fraction}")
+        self._check_tags(field)
         if self.answer_pattern is None:
             return None
         if self.scorer not in ("exact_match", "contains"):
@@ -131,13 +157,28 @@ class AbilitySource:
             raise ConfigError(f"{field}.answer_pattern {self.answer_pattern!r} needs a group around the answer")
         return pattern
 
+    def _check_tags(self, field: str) -> None:
+        """The sharegpt fields: set only for a shape that may be sharegpt, non-empty, three distinct speakers."""
+        tags, default = self.tags, ShareGPTTags()
+        names = {"conversations_key": "key", "role_tag": "role", "content_tag": "content", "user_tag": "user",
+                 "assistant_tag": "assistant", "system_tag": "system"}  # fmt: skip
+        for name, attribute in names.items():
+            value = getattr(tags, attribute)
+            if not value:
+                raise ConfigError(f"{field}.{name} must be a non-empty string")
+            if value != getattr(default, attribute) and self.shape not in ("auto", "sharegpt"):
+                raise ConfigError(f"{field}.{name} is used by the sharegpt shape only, but shape is {self.shape!r}")
+        if len(tags.roles) < 3 or tags.role == tags.content:
+            message = "user_tag, assistant_tag and system_tag must differ, and so must role_tag and content_tag"
+            raise ConfigError(f"{field}: {message}; got {tags}")
+
     def _example(self, record: Any, shape: Shape, pattern: re.Pattern[str] | None) -> Example:
         """Converts one record and attaches what the scorer checks against.
 
         Raises:
             RecordError: If the record does not fit its shape or lacks what the scorer needs.
         """
-        example = to_example(record, shape)
+        example = to_example(record, shape, self.tags)
         if self.scorer == "code_exec":
             tests = record.get(self.tests_field)
             if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
@@ -164,7 +205,7 @@ class AbilitySource:
             for key, location, raw in file.scan():
                 try:
                     record = file.parse(raw)
-                    shape = shape or detect_shape(record)
+                    shape = shape or detect_shape(record, self.tags)
                     example = convert(record, shape)
                 except RecordError as error:
                     if not self.skip_bad_lines:

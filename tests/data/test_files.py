@@ -7,9 +7,7 @@ from hft_lightning.data.files import JsonlFile, ParquetFile, open_data_files
 from hft_lightning.data.shapes import to_example
 from hft_lightning.data.source import AbilitySource
 from hft_lightning.errors import ConfigError
-from tests.data.files import WRITERS, records, write_jsonl, write_parquet
-
-SHAPES = ("messages", "prompt_response", "alpaca")
+from tests.data.files import FORMS, WRITERS, records, write_jsonl, write_parquet
 
 
 def _load(train, **fields):
@@ -18,10 +16,10 @@ def _load(train, **fields):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("layout", ["file", "directory"])
-def test_every_record_comes_back_as_its_example(tmp_path, kind, shape, layout):
-    data = records(shape, 40)
+def test_every_record_comes_back_as_its_example(tmp_path, kind, form, layout):
+    data, shape = records(form, 40), FORMS[form]
     if layout == "file":
         path = WRITERS[kind](tmp_path / f"train.{kind}", data)
     else:
@@ -48,6 +46,19 @@ def test_a_directory_detects_the_shape_of_each_file(tmp_path):
     ability = _load(tmp_path, val=str(tmp_path / "a.jsonl"))
     assert [e.history for e in ability.train[:10]] == [[{"role": "system", "content": "Be terse."}]] * 10
     assert ability.train[10].prompt == "Say the number.\n\n0"
+
+
+def test_sharegpt_tags_configure_detection_and_conversion(tmp_path):
+    openai = [
+        {"chat": [{"role": "user", "text": f"Say {i}."}, {"role": "assistant", "text": f"{i}"}]} for i in range(10)
+    ]
+    path = write_jsonl(tmp_path / "openai.jsonl", openai)
+    tags = {"conversations_key": "chat", "role_tag": "role", "content_tag": "text", "user_tag": "user",
+            "assistant_tag": "assistant"}  # fmt: skip
+    ability = _load(path, val=str(path), **tags)
+    assert [(e.prompt, e.response) for e in ability.val[:2]] == [("Say 0.", "0"), ("Say 1.", "1")]
+    with pytest.raises(ConfigError, match=r"openai\.jsonl:1: chat\[0\]\.role: unknown tag 'user'; allowed: sys"):
+        _load(path, val=str(path), **{**tags, "user_tag": "human"})
 
 
 def test_a_forced_shape_overrides_detection(tmp_path):
@@ -99,7 +110,13 @@ GOOD = json.dumps({"prompt": "p", "response": "r"})
         ([json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]})],
          "data.jsonl:1: messages[1].role: unknown role 'tool'; allowed: system, user, assistant"),
         (['{"text": "t"}'], "data.jsonl:1: the keys ['text'] match no shape; expected the keys of one of messages: "
-                            "messages; prompt_response: prompt, response; alpaca: instruction, output"),
+                            "messages; sharegpt: conversations; prompt_completion: prompt, completion; "
+                            "prompt_response: prompt, response; alpaca: instruction, output"),
+        ([json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f"}]})],
+         "data.jsonl:1: conversations[1].from: tool turns are not supported yet; remove them or the records holding "
+         "them"),
+        ([json.dumps({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant"}]})],
+         "data.jsonl:1: completion[0].content: missing"),
         (["[1]"], "data.jsonl:1: a record must be a JSON object, got array"),
         ([GOOD, json.dumps({"instruction": "i", "output": "o"})], "data.jsonl:2: prompt: missing"),  # shape per file
         ([], "data.abilities['mine'].train: no training examples in data.jsonl"),

@@ -94,22 +94,27 @@ def _multi_turn() -> Example:
     return Example(prompt="Once more.", response="HI.", history=history)
 
 
+def _chatml(tokenizer, messages: list[dict[str, str]], trained: set[int]) -> tuple[list[int], list[int]]:
+    """Oracle: ChatML's pieces tokenized one by one; trained are the content and ``<|im_end|>`` of turns ``trained``."""
+    expected_ids, expected_labels = [], []
+    for turn, message in enumerate(messages):
+        header = tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"]
+        body = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        expected_ids += header + body + newline
+        expected_labels += [IGNORE_INDEX] * len(header) + (body if turn in trained else [IGNORE_INDEX] * len(body))
+        expected_labels += [IGNORE_INDEX] * len(newline)
+    return expected_ids, expected_labels
+
+
 def test_masking_follows_a_pretrained_template_without_generation_tags_token_by_token(tiny_pretrained):
     from hft_lightning.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_pretrained))  # ChatML, no {% generation %}: most real templates
     example = _multi_turn()
     encoded = encode_example(tokenizer, example)
-    # oracle: ChatML's pieces tokenized one by one; trained are each assistant turn's content and its <|im_end|>
-    expected_ids, expected_labels = [], []
-    for message in example.messages:
-        header = tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"]
-        body = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-        trained = message["role"] == "assistant"
-        expected_ids += header + body + newline
-        expected_labels += [IGNORE_INDEX] * len(header) + (body if trained else [IGNORE_INDEX] * len(body))
-        expected_labels += [IGNORE_INDEX] * len(newline)
+    assistant = {turn for turn, message in enumerate(example.messages) if message["role"] == "assistant"}
+    expected_ids, expected_labels = _chatml(tokenizer, example.messages, assistant)
     assert encoded["input_ids"].tolist() == expected_ids
     assert encoded["labels"].tolist() == expected_labels
     prompt = encode_prompt(tokenizer, example)
@@ -162,3 +167,58 @@ def test_long_examples_keep_their_first_tokens_and_prompts_their_last_and_are_co
             assert torch.equal(item[key], whole[key][:limit])
         assert torch.equal(item["prompt_ids"], prompt[-limit:])
     assert len(items[0]["input_ids"]) < limit and len(items[2]["input_ids"]) == limit
+
+
+CAPITALS = [
+    {"role": "system", "content": "Answer in capitals."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": " HI\n  THERE"},
+    {"role": "user", "content": "Again?"},
+    {"role": "assistant", "content": "HI."},
+]
+SHARE_GPT = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAPED = {
+    # LLaMA-Factory trains every assistant turn of a ShareGPT conversation, as the messages shape does
+    "sharegpt": (
+        {"conversations": [{"from": SHARE_GPT[m["role"]], "value": m["content"]} for m in CAPITALS]},
+        CAPITALS,
+        {2, 4},
+    ),
+    # TRL trains the completion only: an assistant turn inside the prompt is context
+    "prompt_completion": ({"prompt": CAPITALS[:4], "completion": CAPITALS[4:]}, CAPITALS, {4}),
+    "prompt_completion_standard": (
+        {"prompt": "Say hi.", "completion": "HI."},
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "HI."}],
+        {1},
+    ),
+}
+
+
+@pytest.mark.parametrize("form", SHAPED)
+def test_each_shape_read_from_a_file_trains_its_turns_token_by_token(form, tiny_data, tiny_pretrained, tmp_path):
+    from hft_lightning.data.source import AbilitySource
+    from hft_lightning.data.tokenizer import load_tokenizer
+    from tests.data.files import write_jsonl
+
+    record, messages, trained = SHAPED[form]
+    path = str(write_jsonl(tmp_path / "data.jsonl", [record]))
+    [example] = AbilitySource("mine", path, "none", val=path).load(num_train=None, num_val=1, seed=0).val
+    assert example.messages == messages
+    # a template without generation tags (ChatML): the rendering built piece by piece
+    chatml = load_tokenizer(str(tiny_pretrained))
+    encoded = encode_example(chatml, example)
+    assert (encoded["input_ids"].tolist(), encoded["labels"].tolist()) == _chatml(chatml, messages, trained)
+    # the embedded template, whose generation tags mark every assistant turn: the trained ones are kept
+    embedded = tiny_data.tokenizer
+    reference = embedded.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    ids = torch.tensor(reference["input_ids"])
+    every_turn = _trained_spans(ids.masked_fill(torch.tensor(reference["assistant_masks"]) == 0, IGNORE_INDEX))
+    assistant = [turn for turn, message in enumerate(messages) if message["role"] == "assistant"]
+    encoded = encode_example(embedded, example)
+    assert torch.equal(encoded["input_ids"], ids)
+    kept = [span for span, turn in zip(every_turn, assistant, strict=True) if turn in trained]
+    assert _trained_spans(encoded["labels"]) == kept
+    # generation is prompted with everything before the last assistant turn, through the template
+    assert chatml.decode(encode_prompt(chatml, example)).endswith(
+        f"<|im_start|>user\n{messages[-2]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    )

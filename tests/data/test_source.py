@@ -40,7 +40,18 @@ def test_num_train_keeps_the_first_training_records(tmp_path):
     ("fields", "message"),
     [
         ({"name": "my ability"}, r"data\.abilities\['my ability'\]\.name must be letters, digits, '_' or '-'"),
-        ({"shape": "sharegpt"}, r"\.shape: unknown shape 'sharegpt'; allowed: auto, messages, prompt_response, alpaca"),
+        (
+            {"shape": "openai"},
+            r"\.shape: unknown shape 'openai'; allowed: auto, messages, sharegpt, prompt_completion, "
+            r"prompt_response, alpaca",
+        ),
+        (
+            {"user_tag": "user", "shape": "messages"},
+            r"\.user_tag is used by the sharegpt shape only, but shape is 'messages'",
+        ),
+        ({"conversations_key": ""}, r"\.conversations_key must be a non-empty string"),
+        ({"assistant_tag": "human"}, r"user_tag, assistant_tag and system_tag must differ, and so must role_tag and"),
+        ({"content_tag": "from"}, r"user_tag, assistant_tag and system_tag must differ, and so must role_tag and"),
         ({"scorer": "bleu"}, r"\.scorer: unknown scorer 'bleu'; allowed: exact_match, code_exec, contains, none"),
         ({"val_fraction": 1.0}, r"\.val_fraction must be in \(0, 1\), got 1\.0"),
         ({"answer_pattern": "(x"}, r"\.answer_pattern '\(x' is not a regular expression: missing \)"),
@@ -67,6 +78,7 @@ def test_the_tokenizer_learns_the_system_prompts_and_earlier_turns(tmp_path):
 
 def test_the_command_line_parses_file_abilities_from_yaml(tmp_path):
     chat = write_jsonl(tmp_path / "chat.jsonl", records("messages", 20))
+    openai = write_jsonl(tmp_path / "openai.jsonl", [{"chat": r["messages"]} for r in records("messages", 4)])
     config = tmp_path / "config.yaml"
     config.write_text(f"""
 data:
@@ -78,10 +90,13 @@ data:
       scorer: contains
       answer_pattern: '(\\d+)'
     - {{name: words, train: {chat}, scorer: none, shape: messages, val_fraction: 0.5, skip_bad_lines: true}}
+    - {{name: openai, train: {openai}, val: {openai}, scorer: none, conversations_key: chat, role_tag: role,
+        content_tag: content, user_tag: user, assistant_tag: assistant}}
 """)
     cli = main(["--config", str(config), *TINY_FLAGS], run=False)
     declared = cli.datamodule.abilities
-    assert [a.name for a in declared] == ["math", "chat", "words"]
+    assert [a.name for a in declared] == ["math", "chat", "words", "openai"]
+    assert declared[3].val[0].messages == records("messages", 1)[0]["messages"]
     assert [e.reference for e in declared[1].val[:2]] == [{"answer": "0"}, {"answer": "1"}]
     assert declared[2].scorer is None
     sources = cli.config.data.abilities
