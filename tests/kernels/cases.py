@@ -71,7 +71,6 @@ BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 
 _PEAK_SCRIPT = """
-import resource
 import torch
 torch.set_num_threads(1)
 
@@ -81,12 +80,15 @@ def build(sizes):
 def run(lists):
     {op}
 
+def high_water_mib():  # this process's peak RSS: VmHWM belongs to the process's memory map, new at exec
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
 run(build([5, 3]))  # warm-up: imports and first calls page in code, which RSS counts
 lists = build([1 << 23, 1 << 22, 3, 1 << 22])
-rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-before = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+before = high_water_mib()
 run(lists)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20)
+print(high_water_mib() - before)
 """
 MODEL_MIB = 64  # one fp32 role of the 2**24-element list measured by ``peak_growth_mib``
 
@@ -96,7 +98,9 @@ def peak_growth_mib(build: str, op: str) -> float:
 
     ``build`` is an expression of ``sizes`` giving the op's lists (with ``torch.full``: no temporaries, so
     the high-water mark before the op is the inputs themselves); ``op`` a statement using ``lists``. torch's
-    CPU allocator is invisible to ``tracemalloc``; the RSS high-water mark is not. A fixed glibc mmap
+    CPU allocator is invisible to ``tracemalloc``; the RSS high-water mark is not. It is read from ``VmHWM``, not
+    ``getrusage``: Linux carries ``ru_maxrss`` across ``exec``, so a child of a large test process would start at
+    the parent's peak and report no growth. A fixed glibc mmap
     threshold makes every large block its own mapping, returned on free: with glibc's adaptive threshold,
     heap fragmentation added 0 or 64 MiB at random to the same run.
     """
