@@ -23,5 +23,4 @@ def test_default_fit_learns_every_ability_in_its_stage_and_forgets_without_reten
         assert matrix[stages.index(ability)][abilities.index(ability)] >= 0.7, (ability, matrix)
     math = abilities.index("math")
     assert matrix[stages.index("math")][math] - matrix[stages.index("code")][math] >= 0.5  # sequential SFT forgets
-    assert report["forgetting"]["math"] > 0.2
     assert all(0 <= v <= 1 for row in matrix for v in row)
