@@ -6,8 +6,9 @@ the data and plan it trains under) through ``python -m hft_lightning fit`` for e
 
 - ``benchmarks/results/forgetting_<regime>.json``: ``{"regime", "device", "date", "seeds", "scale", "num_val",
   "total_s", "methods": {name: {"final", "final_std", "average_accuracy", "average_accuracy_std", "forgetting",
-  "max_forgetting", "max_forgetting_std", "bwt", "wall_s", "stages", "accuracy_matrix", "per_seed"}}}``, scores
-  in [0, 1]; ``accuracy_matrix`` is the mean matrix with the ``before`` row first;
+  "max_forgetting", "max_forgetting_std", "bwt", "steps", "wall_s", "stages", "accuracy_matrix", "per_seed"}}}``,
+  scores in [0, 1]; ``accuracy_matrix`` is the mean matrix with the ``before`` row first; ``steps`` the optimizer
+  steps of the method's plan;
 - ``benchmarks/results/forgetting_<regime>.md``: the same as a table, and ``forgetting_<regime>.png``, the methods'
   mean accuracy matrices side by side.
 
@@ -48,7 +49,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import device_name
-from benchmarks.regimes import REGIMES, stages
+from benchmarks.regimes import REGIMES, STARTS, stages
 from hft_lightning.report import ACCURACY, draw_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,9 @@ class Settings:
 def run(method: str, seed: int, settings: Settings) -> dict[str, Any]:
     """Trains one method for one seed (or reuses a finished run with the same settings) and returns its record.
 
+    Under a regime with a start (:data:`benchmarks.regimes.STARTS`) the method starts from the model
+    :func:`run_start` saved for the seed, which must have run.
+
     Args:
         method: A config name under ``configs/``, or ``recipe@retention``.
         seed: Sets ``seed_everything`` and ``data.seed``.
@@ -124,9 +128,26 @@ def run(method: str, seed: int, settings: Settings) -> dict[str, Any]:
         ``{"config", "seed", "num_val", "device", "wall_s", "metrics"}``, ``metrics`` the run's
         ``report/metrics.json``, ``device`` the machine it trained on (a reused run keeps its own).
     """
-    num_val = settings.num_val
-    directory = settings.runs / settings.regime / method / f"seed{seed}"
     config = run_config(method, settings.scale, settings.regime)
+    if settings.regime in STARTS:
+        config.setdefault("model", {})["name_or_path"] = str(start_directory(seed, settings) / "model")
+    return fit(config, settings.runs / settings.regime / method / f"seed{seed}", seed, settings)
+
+
+def run_start(seed: int, settings: Settings) -> dict[str, Any]:
+    """Trains (or reuses) the run whose saved model the regime's methods start from, for one seed."""
+    method, rewrite = STARTS[settings.regime]
+    return fit(rewrite(run_config(method, settings.scale)), start_directory(seed, settings), seed, settings)
+
+
+def start_directory(seed: int, settings: Settings) -> Path:
+    """Where the start of ``settings.regime`` for ``seed`` trains; its model is in ``model/``."""
+    return settings.runs / settings.regime / "start" / f"seed{seed}"
+
+
+def fit(config: dict[str, Any], directory: Path, seed: int, settings: Settings) -> dict[str, Any]:
+    """Trains ``config`` in ``directory`` for one seed, or reuses the run already there with the same settings."""
+    num_val = settings.num_val
     record_path = directory / "run.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -149,7 +170,7 @@ def run(method: str, seed: int, settings: Settings) -> dict[str, Any]:
     wall_s = time.perf_counter() - start
     if returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"{method} seed {seed} failed (exit {returncode}), log {log_path}:\n{tail}")
+        raise RuntimeError(f"{directory} failed (exit {returncode}), log {log_path}:\n{tail}")
     metrics = json.loads((directory / "report" / "metrics.json").read_text())
     device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     record = {
@@ -184,6 +205,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "max_forgetting": statistics.fmean(max_forgetting),
         "max_forgetting_std": _std(max_forgetting),
         "bwt": statistics.fmean(m["bwt"] for m in metrics),
+        "steps": sum(s["steps"] for s in stages(records[0]["config"])),
         "wall_s": statistics.fmean(r["wall_s"] for r in records),
         "stages": metrics[0]["stages"],
         "accuracy_matrix": mean_matrix,
@@ -200,7 +222,15 @@ def markdown(results: dict[str, Any], figure_name: str) -> str:
     """The results as a markdown table (mean ± standard deviation over the seeds) with the figure below."""
     methods = results["methods"]
     abilities = list(next(iter(methods.values()))["final"])
-    header = ["method", *(f"final {a}" for a in abilities), "average accuracy", "max forgetting", "BWT", "wall s"]
+    header = [
+        "method",
+        *(f"final {a}" for a in abilities),
+        "average accuracy",
+        "max forgetting",
+        "BWT",
+        "steps",
+        "wall s",
+    ]
     lines = [
         f"# Forgetting benchmark, {results['regime']} regime ({results['date']})",
         "",
@@ -218,6 +248,7 @@ def markdown(results: dict[str, Any], figure_name: str) -> str:
             f"{m['average_accuracy']:.3f} ± {m['average_accuracy_std']:.3f}",
             f"{m['max_forgetting']:.3f} ± {m['max_forgetting_std']:.3f}",
             f"{m['bwt']:+.3f}",
+            str(m["steps"]),
             f"{m['wall_s']:.0f}",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -274,7 +305,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [(m, s) for m in args.methods for s in args.seeds]
     threads = None if args.jobs == 1 else max(1, (os.cpu_count() or 1) // args.jobs)
     settings = Settings(args.regime, args.scale, args.num_val, args.runs, threads)
-    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="forgetting benchmark", unit="run") as bar:
+    starts = args.seeds if args.regime in STARTS else []
+    total = len(starts) + len(jobs)
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=total, desc="forgetting benchmark", unit="run") as bar:
+        for _ in pool.map(lambda seed: run_start(seed, settings), starts):
+            bar.update()
         futures = {job: pool.submit(run, *job, settings) for job in jobs}
         # each future updates the bar when its fit ends, in whatever order they end
         for future in futures.values():

@@ -61,6 +61,22 @@ def test_benchmark_writes_json_table_and_figure(tmp_path, regime, abilities):
     assert rerun["methods"] == results["methods"]
 
 
+@pytest.mark.slow
+def test_incremental_methods_start_where_the_seeds_saved_start_ended(tmp_path):
+    runs = tmp_path / "runs"
+    argv = ["--regime", "incremental", "--methods", "sequential", "hft", "--seeds", "0", "--scale", "0.02"]
+    results = main([*argv, "--num-val", "4", "--jobs", "2", "--runs", str(runs), "--out", str(tmp_path / "out")])
+    start = runs / "incremental" / "start" / "seed0"
+    start_metrics = json.loads((start / "run.json").read_text())["metrics"]
+    assert start_metrics["stages"] == ["foundation", "multitask"]
+    for method, steps in [("sequential", 1 + 8), ("hft", 1 + 6 + 6)]:  # recall, then the new stages, at scale 0.02
+        record = json.loads((runs / "incremental" / method / "seed0" / "run.json").read_text())
+        assert record["config"]["model"]["name_or_path"] == str(start / "model")
+        assert record["metrics"]["before"] == start_metrics["accuracy_matrix"][-1]  # the start's model, unchanged
+        assert results["methods"][method]["steps"] == steps
+        assert results["methods"][method]["stages"][0] == "recall"
+
+
 def test_an_unknown_method_names_the_missing_config(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--methods", "hft", "no_such_recipe"])

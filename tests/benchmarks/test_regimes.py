@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks.forgetting import run_config
-from benchmarks.regimes import REGIMES, split_steps, stages
+from benchmarks.regimes import RECALL_STEPS, REGIMES, STARTS, split_steps, stages
 
 METHODS = ("multitask", "sequential", "mixed_sequential", "dmt", "hft", "planners/hft_reversed")
 
@@ -12,7 +12,7 @@ def plan(method, regime):
     return [(s["name"], s["steps"], s["mixture"]) for s in stages(run_config(method, 1.0, regime))]
 
 
-@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("regime", [r for r in REGIMES if r not in STARTS])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_keeps_its_total_steps_and_its_retention(method, regime):
     balanced, rewritten = run_config(method, 1.0, "balanced"), run_config(method, 1.0, regime)
@@ -47,6 +47,36 @@ def test_hierarchical_adds_the_composite_after_its_prerequisites():
     mixed = plan("mixed_sequential", "hierarchical")
     assert [name for name, _, _ in mixed] == ["foundation", "specialised", "general"]  # trained with math and code
     assert mixed[1][2] == {"math": 1.0, "code": 1.0, "math_code": 1.0}
+
+
+def test_incremental_keeps_the_stages_that_train_something_new_and_a_recall_of_the_base():
+    both = {"math": 1.0, "code": 1.0}
+    recall = ("recall", RECALL_STEPS, both)
+    assert plan("hft", "incremental") == [
+        recall,
+        ("general", 300, {"general": 1.0}),
+        ("unified", 300, {**both, "general": 1.0}),
+    ]
+    assert (
+        plan("sequential", "incremental")
+        == plan("mixed_sequential", "incremental")
+        == [recall, ("general", 400, {"general": 1.0})]
+    )
+    assert plan("dmt", "incremental")[1] == ("general_k", 400, {"general": 1.0, "math": 0.0625, "code": 0.0625})
+    assert plan("multitask", "incremental") == [("multitask", 1200, {**both, "general": 1.0})]  # retrains all three
+    config = run_config("hft", 1.0, "incremental")
+    assert [c["class_path"] for c in config["trainer"]["callbacks"]] == [
+        c["class_path"] for c in run_config("hft", 1.0, "balanced")["trainer"]["callbacks"]
+    ]
+
+
+def test_the_incremental_start_is_fine_tuned_on_math_and_code_after_the_foundation():
+    method, rewrite = STARTS["incremental"]
+    start = [(s["name"], s["steps"], s["mixture"]) for s in stages(rewrite(run_config(method, 1.0)))]
+    assert start == [
+        ("foundation", 300, {"math": 1.0, "code": 1.0, "general": 1.0}),
+        ("multitask", 1200, {"math": 1.0, "code": 1.0}),
+    ]
 
 
 @pytest.mark.parametrize(("total", "weights"), [(900, [1, 2, 8]), (7, [1, 1, 1]), (3, [1, 100, 1]), (1200, [1])])
