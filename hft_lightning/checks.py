@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import Stage
@@ -118,3 +119,16 @@ def check_stage_hooks(callbacks: Sequence[Callback]) -> None:
                     f"{hook}(trainer, pl_module, stage, index): the curriculum passes the stage and its index in "
                     "the plan"
                 ) from None
+
+
+def refuse_sharded(trainer: pl.Trainer, name: str, why: str = "its state is not sharded") -> None:
+    """Refuses the sharded strategies, whose parameters ``name`` cannot work with (``why``).
+
+    Raises:
+        ConfigError: Naming ``name`` and ``trainer.strategy``.
+    """
+    if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+        raise ConfigError(
+            f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
+            f"({why}); use a single device or strategy=ddp"
+        )

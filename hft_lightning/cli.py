@@ -77,7 +77,7 @@ class HFTCLI(LightningCLI):
     def _check_plan(self) -> None:
         if self.subcommand != "fit" and self.config[self.subcommand].plan_only:
             raise ConfigError(f"--plan_only applies to fit only, not to {self.subcommand}")
-        Curriculum.of(self.trainer).check_abilities(self.datamodule.ability_names)
+        Curriculum.of(self.trainer).check_abilities(self.datamodule.ability_names, self.datamodule.evaluated_only)
 
     before_fit = before_validate = before_test = _check_plan
 

@@ -188,18 +188,28 @@ class Curriculum(Callback):
         """The stage being trained."""
         return self.plan.stages[self.stage_index]
 
-    def check_abilities(self, abilities: Sequence[str]) -> None:
-        """Checks that every stage names only declared abilities.
+    def check_abilities(self, abilities: Sequence[str], evaluated_only: Sequence[str] = ()) -> None:
+        """Checks that every stage names only declared abilities that have training data.
+
+        Args:
+            abilities: The declared abilities.
+            evaluated_only: Those of them with no training data (scored by an lm-evaluation-harness task only).
 
         Raises:
-            ConfigError: Naming the stage, the unknown ability and the declared ones.
+            ConfigError: Naming the stage, the unknown or untrainable ability and the declared ones.
         """
         for i, stage in enumerate(self.configured):
+            field = f"Curriculum.stages[{i}] ({stage.name!r}).mixture"
             unknown = sorted(set(stage.mixture) - set(abilities))
             if unknown:
                 raise ConfigError(
-                    f"Curriculum.stages[{i}] ({stage.name!r}).mixture names undeclared abilities {unknown}; "
-                    f"declared in data.abilities: {list(abilities)}"
+                    f"{field} names undeclared abilities {unknown}; declared in data.abilities: {list(abilities)}"
+                )
+            untrainable = sorted(set(stage.mixture) & set(evaluated_only))
+            if untrainable:
+                raise ConfigError(
+                    f"{field} names abilities {untrainable} that have no training data (lm_eval only); give them a "
+                    "train file or remove them from the mixture"
                 )
 
     def _push(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -219,7 +229,7 @@ class Curriculum(Callback):
         check_trainer(trainer)
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "ability_names"):
-            self.check_abilities(datamodule.ability_names)
+            self.check_abilities(datamodule.ability_names, getattr(datamodule, "evaluated_only", ()))
         trainer.fit_loop.max_epochs = len(self.configured)
         trainer.reload_dataloaders_every_n_epochs = 1
         self._push(trainer, pl_module)

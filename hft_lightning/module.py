@@ -6,7 +6,9 @@ optionally with LoRA adapters (:class:`~hft_lightning.lora.LoRA`), or the embedd
 model built from a config, trained from scratch.
 
 Evaluation runs greedy batched generation (KV cache) on each ability's validation split and scores it
-with that ability's scorer; the scores of the validation that is ending are computed once, by whoever asks first
+with that ability's scorer; an ability scored by an lm-evaluation-harness task is scored on the whole model instead,
+when the scores are computed (:meth:`HFTModule.compute_scores`: on global rank 0, the score broadcast to every
+process). The scores of the validation that is ending are computed once, by whoever asks first
 (:meth:`HFTModule.validation_scores`): Lightning runs a callback's ``on_validation_epoch_end`` before the module's.
 The module is the model, its loss, generation and these scores: the accuracy matrix, the row before training,
 the report and the exported model belong to :class:`~hft_lightning.callbacks.Report`.
@@ -34,6 +36,7 @@ from transformers import (
 )
 from typing_extensions import override
 
+from hft_lightning.checks import refuse_sharded
 from hft_lightning.data.packing import pack_batch
 from hft_lightning.data.sft import IGNORE_INDEX, trained_tokens
 from hft_lightning.errors import ConfigError
@@ -42,6 +45,7 @@ from hft_lightning.lora import LoRA
 from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.plan import Plan, require_plan
 from hft_lightning.schedule import StageSchedule
+from hft_lightning.scoring import ModelScorer
 
 if TYPE_CHECKING:
     from hft_lightning.retention.contracts import LossTerm
@@ -146,8 +150,10 @@ class HFTModule(pl.LightningModule):
             eos_token_id=list(dict.fromkeys([tokenizer.eos_token_id, *stop])),
         )
         self.model = model if lora is None else lora.wrap(model)
-        self.ability_names: list[str] = []
+        self.val_ability_names: list[str] = []
+        self.scored_names: list[str] = []
         self.ability_scores = nn.ModuleDict()
+        self.evaluators: dict[str, ModelScorer] = {}
         self._validation_scores: torch.Tensor | None = None
         self.plan: Plan | None = None
         self.loss_terms: list[LossTerm] = []
@@ -159,10 +165,16 @@ class HFTModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        self.ability_names = datamodule.ability_names
-        # An ability with no scorer (validation loss only) is left out of the scores and the accuracy matrix.
-        scored = [a for a in datamodule.abilities if a.scorer is not None]
-        self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in scored})
+        self.val_ability_names = datamodule.val_ability_names
+        # An ability with neither scorer nor evaluator (validation loss only) is left out of the scores and the
+        # accuracy matrix.
+        scored = [a for a in datamodule.abilities if a.scored]
+        self.scored_names = [a.name for a in scored]
+        self.ability_scores = nn.ModuleDict({a.name: AbilityScore(a.scorer) for a in scored if a.scorer is not None})
+        self.evaluators = {a.name: a.evaluator for a in scored if a.evaluator is not None}
+        if self.evaluators:
+            names = ", ".join(f"data.abilities[{name!r}].lm_eval" for name in self.evaluators)
+            refuse_sharded(self.trainer, names, "the harness runs the whole model on global rank 0")
 
     @property
     def causal_lm(self) -> PreTrainedModel:
@@ -241,15 +253,15 @@ class HFTModule(pl.LightningModule):
         return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
 
     def score_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
-        """Generates responses to a validation batch of ability ``dataloader_idx`` and scores them."""
-        name = self.ability_names[dataloader_idx]
+        """Generates responses to a validation batch of dataloader ``dataloader_idx`` and scores them."""
+        name = self.val_ability_names[dataloader_idx]
         if name not in self.ability_scores:  # no scorer: followed through its validation loss only
             return
         predictions = self.generate(batch["prompt_ids"], batch["prompt_attention_mask"])
         self.ability_scores[name].update(predictions, batch["examples"])
 
     def _evaluation_step(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
-        name = self.ability_names[dataloader_idx]
+        name = self.val_ability_names[dataloader_idx]
         loss = self.sft_loss(batch)
         tokens = int(trained_tokens(batch["labels"]))  # weights the mean: the epoch's loss is per response token
         self.log(f"{split}/{name}/loss", loss, add_dataloader_idx=False, batch_size=tokens, sync_dist=True)
@@ -264,17 +276,36 @@ class HFTModule(pl.LightningModule):
         self._evaluation_step("test", batch, dataloader_idx)
 
     def compute_scores(self) -> torch.Tensor:
-        """Scores of every scored ability, shape ``[num_scored]``, in the order of :attr:`ability_scores`.
+        """Scores of every scored ability, shape ``[num_scored]``, in the order of :attr:`scored_names`.
 
-        Resets the per-ability metrics; a collective under DDP.
+        The generations scored since the last call give each scorer's score (the per-ability metrics are reset);
+        each evaluator scores the model as it is now. A collective under DDP.
         """
-        scores = torch.stack([metric.compute() for metric in self.ability_scores.values()])
+        evaluated = self._evaluate()
+        scores = [
+            self.ability_scores[name].compute() if name in self.ability_scores else evaluated[name]
+            for name in self.scored_names
+        ]
         for metric in self.ability_scores.values():
             metric.reset()
-        return scores
+        return torch.stack(scores)
+
+    def _evaluate(self) -> dict[str, torch.Tensor]:
+        """Each evaluator's score of the model, measured on global rank 0 and broadcast to every process.
+
+        Evaluation runs in the trainer's precision context (autocast under ``bf16-mixed``), as validation does.
+        """
+        if not self.evaluators:
+            return {}
+        scores: dict[str, float] = {}
+        if self.trainer.is_global_zero:
+            with self.trainer.precision_plugin.val_step_context():
+                scores = {name: evaluate(self.model, self.tokenizer) for name, evaluate in self.evaluators.items()}
+        scores = self.trainer.strategy.broadcast(scores)
+        return {name: torch.tensor(score, dtype=torch.float32, device=self.device) for name, score in scores.items()}
 
     def _log_scores(self, split: str, scores: torch.Tensor) -> None:
-        for name, score in zip(self.ability_scores, scores, strict=True):
+        for name, score in zip(self.scored_names, scores, strict=True):
             self.log(f"{split}/{name}/score", score, add_dataloader_idx=False, sync_dist=True)
 
     def validation_scores(self) -> torch.Tensor:

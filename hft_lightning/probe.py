@@ -57,7 +57,7 @@ class Probe:
 
     def batches(self, ability: str, examples: int, batch_size: int) -> Iterator[dict[str, Any]]:
         """Batches of a seeded sample of ``examples`` validation examples of ``ability``, on the module's device."""
-        loader = self.datamodule.val_dataloader()[self.datamodule.ability_names.index(ability)]
+        loader = self.datamodule.val_dataloader()[self.datamodule.val_ability_names.index(ability)]
         generator = torch.Generator().manual_seed(derive_seed(self.datamodule.seed, "probe", ability))
         sample = torch.randperm(len(loader.dataset), generator=generator)[:examples].tolist()
         for start in range(0, len(sample), batch_size):

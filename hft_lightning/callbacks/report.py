@@ -74,7 +74,7 @@ class Report(Callback):
         require_plan(self.plan, "Report")
         self.abilities = trainer.datamodule.ability_names
         # An ability with no scorer (validation loss only) is left out of the accuracy matrix.
-        scored = [a.name for a in trainer.datamodule.abilities if a.scorer is not None]
+        scored = [a.name for a in trainer.datamodule.abilities if a.scored]
         learned_at = [self.plan.learned_at(name) for name in scored]
         self.accuracy_matrix = AccuracyMatrix(scored, len(self.plan.stages), learned_at)
 

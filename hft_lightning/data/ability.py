@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hft_lightning.data.example import Example
 from hft_lightning.errors import ConfigError
-from hft_lightning.scoring import Scorer
+from hft_lightning.scoring import ModelScorer, Scorer
 
 Generator = Callable[[random.Random], Example]
 """Draws one example from a seeded random source."""
@@ -29,13 +29,21 @@ class Ability:
         train: Training examples.
         val: Validation examples, disjoint from ``train``.
         scorer: Judges generated responses against the examples' references; None for an ability followed
-            through its validation loss only, which is left out of the accuracy matrix.
+            through its validation loss only, or scored by ``evaluator``.
+        evaluator: Scores the whole model at once instead (an lm-evaluation-harness task), at every validation
+            and before training. An ability with neither is left out of the accuracy matrix.
     """
 
     name: str
     train: Sequence[Example]
     val: Sequence[Example]
     scorer: Scorer | None
+    evaluator: ModelScorer | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the ability has a column in the accuracy matrix: it has a scorer or an evaluator."""
+        return self.scorer is not None or self.evaluator is not None
 
 
 def in_validation_bucket(prompt: str, val_fraction: float) -> bool:

@@ -6,7 +6,8 @@ The tokenizer is the pretrained model's own when ``tokenizer_name_or_path`` is s
 Training sees one stage at a time: the curriculum pushes its :class:`~hft_lightning.plan.Plan` here
 (:meth:`StagedDataModule.set_plan`), and :meth:`StagedDataModule.train_dataloader`, called again at every epoch (one
 epoch per stage), samples from the mixture of the epoch's stage. Validation always covers every ability, one
-dataloader per ability in declaration order, whatever stage is training.
+dataloader per ability with validation examples in declaration order, whatever stage is training (an ability scored
+by an lm-evaluation-harness task alone has none: the module scores it on the whole model).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class StagedDataModule(pl.LightningDataModule):
     Args:
         abilities: Ability sources: ``builtin:math``, ``builtin:code`` and ``builtin:general`` are generated
             locally and named after the part after ``builtin:`` (used in stage mixtures); an
-            :class:`~hft_lightning.data.source.AbilitySource` reads the user's JSONL or parquet files. At least one
-            ability must have a scorer.
+            :class:`~hft_lightning.data.source.AbilitySource` reads the user's JSONL or parquet files, or names an
+            lm-evaluation-harness task that scores the ability (with no files: evaluated only, trained by no stage).
+            At least one ability must be scored.
         num_train: Training examples per ability: generated for a built-in one (``None``: 4000), the first
             ``num_train`` records of a file one (``None``: all of them). A mapping gives each named ability its own
             count (``{math: 500, general: 4000}``: a real SFT mix is far from equal), the others keep their default.
@@ -106,7 +108,7 @@ class StagedDataModule(pl.LightningDataModule):
         names = self.ability_names
         if len(set(names)) != len(names):
             raise ConfigError(f"data.abilities: ability names must be unique, got {names}")
-        if all(a.scorer is None for a in self.abilities):
+        if not any(a.scored for a in self.abilities):
             raise ConfigError(f"data.abilities: every ability has scorer 'none' {names}; the accuracy matrix needs one")
         if tokenizer_name_or_path is None:
             examples = (e for a in self.abilities for e in (*itertools.islice(a.train, TOKENIZER_EXAMPLES), *a.val))
@@ -120,7 +122,7 @@ class StagedDataModule(pl.LightningDataModule):
         self.seed = seed
         self._collate = SFTCollator(self.tokenizer.pad_token_id)
         self._train_sets = [self._dataset(a, "train") for a in self.abilities]
-        self._val_sets = [self._dataset(a, "val") for a in self.abilities]
+        self._val_sets = [self._dataset(a, "val") for a in self.abilities if len(a.val)]
         self.plan: Plan | None = None
 
     def set_plan(self, plan: Plan) -> None:
@@ -134,8 +136,18 @@ class StagedDataModule(pl.LightningDataModule):
 
     @property
     def ability_names(self) -> list[str]:
-        """Names of the abilities, in declaration order (the order of the validation dataloaders)."""
+        """Names of the abilities, in declaration order."""
         return [a.name for a in self.abilities]
+
+    @property
+    def val_ability_names(self) -> list[str]:
+        """Names of the abilities with validation examples, in declaration order: one validation dataloader each."""
+        return [a.name for a in self.abilities if len(a.val)]
+
+    @property
+    def evaluated_only(self) -> list[str]:
+        """Names of the abilities with no training data (scored by an lm-evaluation-harness task only)."""
+        return [a.name for a in self.abilities if not len(a.train)]
 
     def stage_sampler(self, index: int, start_batch: int = 0) -> StageBatchSampler:
         """The deterministic batch order of stage ``index``, starting at batch ``start_batch``."""
@@ -178,7 +190,7 @@ class StagedDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_sampler=self.stage_sampler(index, start_batch), collate_fn=self._collate)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One dataloader per ability, with prompts for generation and examples for scoring."""
+        """One dataloader per ability with validation examples (:attr:`val_ability_names`): prompts and examples."""
         return [DataLoader(d, batch_size=self.val_batch_size, collate_fn=self._collate) for d in self._val_sets]
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -1,7 +1,8 @@
-r"""Abilities declared from the user's own SFT data files.
+r"""Abilities declared from the user's own SFT data files, or scored by an lm-evaluation-harness task.
 
-An :class:`AbilitySource` names the files of one ability and how to score it; the datamodule accepts it next to
-the ``builtin:<name>`` strings, and LightningCLI parses it from YAML::
+An :class:`AbilitySource` names the files of one ability and how to score it, or a harness task that scores it
+(``lm_eval``: evaluated only, or paired with the ability's training files); the datamodule accepts it next to the
+``builtin:<name>`` strings, and LightningCLI parses it from YAML::
 
     data:
       abilities:
@@ -10,6 +11,7 @@ the ``builtin:<name>`` strings, and LightningCLI parses it from YAML::
         - {name: gsm8k, train: data/gsm8k/, val: data/gsm8k_test.jsonl, scorer: exact_match,
            answer_pattern: '#### (\S+)'}
         - {name: support, train: data/sharegpt.jsonl, scorer: none, user_tag: user, assistant_tag: assistant}
+        - {name: arc, lm_eval: {task: arc_easy, limit: 200, num_fewshot: 0}}
 
 Loading checks every record once, in file order, and keeps only its key (see :mod:`hft_lightning.data.files`):
 a mistake anywhere in the data stops the run before training, with the file, the line and the field. Without a
@@ -37,6 +39,7 @@ from hft_lightning.data.files import DataFile, open_data_files
 from hft_lightning.data.shapes import RecordError, Shape, ShareGPTTags, detect_shape, json_type, to_example
 from hft_lightning.errors import ConfigError
 from hft_lightning.scoring import build_scorer, extract_answer
+from hft_lightning.scoring.harness import LMEvalTask, load_harness_task
 
 ShapeName = Literal["auto", "messages", "sharegpt", "prompt_completion", "prompt_response", "alpaca"]
 FileScorerName = Literal["exact_match", "code_exec", "contains", "none"]
@@ -47,18 +50,27 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 @dataclass(frozen=True)
 class AbilitySource:
-    """An ability whose examples come from JSONL or parquet files.
+    """An ability whose examples come from JSONL or parquet files, or whose score comes from a harness task.
 
     Attributes:
         name: The ability's name in stage mixtures, logs (``val/<name>/score``) and the report; letters, digits,
             ``_`` and ``-``.
         train: A ``.jsonl`` or ``.parquet`` file, or a directory of them, relative to the working directory.
+            ``None``: an ability evaluated only, by ``lm_eval`` (no stage may train it).
         scorer: How validation generations are judged: ``exact_match`` (the extracted answer equals the
             reference's), ``contains`` (the reference answer appears in the generation), ``code_exec`` (the program
             passes the record's unit tests in the sandbox) or ``none`` (validation loss only; the ability is left
-            out of the accuracy matrix).
+            out of the accuracy matrix). Required with ``train``, unless ``lm_eval`` scores the ability.
         val: Validation data, like ``train``. Without it, ``val_fraction`` of ``train`` is held out by hashing each
             prompt. At most ``data.num_val`` validation examples are used, the first in file order.
+        lm_eval: An lm-evaluation-harness task whose primary metric scores the ability (``pip install
+            'hft_lightning[eval]'``), measured on the model being trained before training and at every validation.
+            Alone, the ability is evaluated only; with ``train``, the files train it (and give its validation loss)
+            and the task scores it. Fields (:class:`~hft_lightning.scoring.harness.LMEvalTask`): ``task`` (a harness
+            task, or one defined under ``include_path``), ``include_path`` (a folder of your own task YAML files),
+            ``limit`` (its first documents only), ``num_fewshot`` (default: the task's), ``apply_chat_template``
+            (default true), ``metric`` (``name`` or ``name,filter``; default: the task's first metric under its first
+            filter), ``batch_size`` (default 16). Example: ``{task: gsm8k, limit: 200, num_fewshot: 0}``.
         shape: Record shape: ``messages`` (a conversation of role/content messages), ``sharegpt`` (LLaMA-Factory's
             ``conversations`` of from/value turns), ``prompt_completion`` (TRL's, strings or lists of messages; only
             the completion is trained), ``prompt_response`` or ``alpaca`` (``instruction``/``input``/``output``);
@@ -81,9 +93,10 @@ class AbilitySource:
     """
 
     name: str
-    train: str
-    scorer: FileScorerName
+    train: str | None = None
+    scorer: FileScorerName | None = None
     val: str | None = None
+    lm_eval: LMEvalTask | None = None
     shape: ShapeName = "auto"
     answer_pattern: str | None = None
     tests_field: str = "tests"
@@ -107,17 +120,23 @@ class AbilitySource:
     def load(self, num_train: int | None, num_val: int, seed: int) -> Ability:
         """Checks every record, splits them, and returns the ability; examples are read from disk on access.
 
+        The harness task, if any, is resolved and its data loaded here too, so its mistakes also stop the run before
+        training.
+
         Args:
             num_train: The most training examples to keep, the first in file order (``None``: all of them).
             num_val: The most validation examples to keep.
             seed: Unused: the split is a hash of each prompt, the same on every run (the signature of every source).
 
         Raises:
-            ConfigError: If a field of this source is invalid, a path is missing, or a record is malformed (naming
-                the file, the line or row, and the field).
+            ConfigError: If a field of this source is invalid, a path is missing, a record is malformed (naming
+                the file, the line or row, and the field), or the harness task cannot be used.
         """
         field = f"data.abilities[{self.name!r}]"
         pattern = self._check(field)
+        evaluator = None if self.lm_eval is None else load_harness_task(self.lm_eval, f"{field}.lm_eval")
+        if self.train is None:
+            return Ability(name=self.name, train=[], val=[], scorer=None, evaluator=evaluator)
         convert = partial(self._example, pattern=pattern)
         train_files = open_data_files(self.train, f"{field}.train")
         if self.val is None:
@@ -132,14 +151,16 @@ class AbilitySource:
             raise ConfigError(f"{field}.val: no validation examples in {self.val or self.train}{hint}")
         if num_train is not None:
             train = train.head(num_train)
-        return Ability(name=self.name, train=train, val=val.head(num_val), scorer=build_scorer(self.scorer, pattern))
+        scorer = None if self.scorer is None else build_scorer(self.scorer, pattern)
+        return Ability(name=self.name, train=train, val=val.head(num_val), scorer=scorer, evaluator=evaluator)
 
     def _check(self, field: str) -> re.Pattern[str] | None:
         """Validates the fields that do not depend on the data; returns the compiled answer pattern."""
         if not _NAME.fullmatch(self.name):
             raise ConfigError(f"{field}.name must be letters, digits, '_' or '-', got {self.name!r}")
+        self._check_roles(field)
         for key, value, allowed in (("scorer", self.scorer, FileScorerName), ("shape", self.shape, ShapeName)):
-            if value not in get_args(allowed):
+            if value is not None and value not in get_args(allowed):
                 raise ConfigError(f"{field}.{key}: unknown {key} {value!r}; allowed: {', '.join(get_args(allowed))}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"{field}.val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -156,6 +177,18 @@ class AbilitySource:
         if pattern.groups < 1:
             raise ConfigError(f"{field}.answer_pattern {self.answer_pattern!r} needs a group around the answer")
         return pattern
+
+    def _check_roles(self, field: str) -> None:
+        """Training files need a scorer, or a harness task scoring the ability; a harness task alone needs neither."""
+        allowed = ", ".join(get_args(FileScorerName))
+        if self.train is None and self.lm_eval is None:
+            raise ConfigError(f"{field}: give train (data files) or lm_eval (a harness task), or both")
+        if self.train is None and self.val is not None:
+            raise ConfigError(f"{field}.val needs train: an ability with lm_eval alone is evaluated by its task only")
+        if self.lm_eval is not None and self.scorer is not None:
+            raise ConfigError(f"{field}.scorer: the lm_eval task scores this ability; remove scorer")
+        if self.train is not None and self.lm_eval is None and self.scorer is None:
+            raise ConfigError(f"{field}.scorer: missing; give one of {allowed}, or lm_eval (a harness task)")
 
     def _check_tags(self, field: str) -> None:
         """The sharegpt fields: set only for a shape that may be sharegpt, non-empty, three distinct speakers."""

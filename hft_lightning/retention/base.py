@@ -29,10 +29,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from typing_extensions import override
 
+from hft_lightning.checks import refuse_sharded
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import Plan, Stage
 from hft_lightning.retention.contracts import HasLoss, StageData, TakesLossTerms, missing_members
@@ -160,16 +160,3 @@ class RetentionCallback(Callback):
         params = {name: p for name, p in trainable(pl_module).items() if p.grad is not None}
         if params:  # none: the step is skipped (a ForgettingBudget stopped the stage)
             self.edit_gradients(trainer, pl_module, params)
-
-
-def refuse_sharded(trainer: pl.Trainer, name: str) -> None:
-    """Refuses the sharded strategies, whose parameters no callback state here is shaped for.
-
-    Raises:
-        ConfigError: Naming the callback ``name`` and ``trainer.strategy``.
-    """
-    if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
-        raise ConfigError(
-            f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
-            "(its state is not sharded); use a single device or strategy=ddp"
-        )

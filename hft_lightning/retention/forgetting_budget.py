@@ -49,11 +49,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from typing_extensions import override
 
+from hft_lightning.checks import refuse_sharded
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import Plan, markdown_cell, require_plan, single_ability
 from hft_lightning.probe import Probe
 from hft_lightning.report import Section
-from hft_lightning.retention.base import RetentionCallback, refuse_sharded
+from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.parameters import match_names, trainable
 
 POLICIES = ("warn", "strengthen", "rollback", "stop")

@@ -1,11 +1,13 @@
 """Scoring generations: the scorers of every ability, and the sandbox that runs generated code.
 
 The same scorers judge the built-in abilities and the abilities read from files (which name theirs, see
-:func:`build_scorer`). The sandbox itself is :mod:`hft_lightning.sandbox`.
+:func:`build_scorer`). An ability can instead be scored as a whole model by an lm-evaluation-harness task
+(:mod:`hft_lightning.scoring.harness`, imported only when used). The sandbox itself is :mod:`hft_lightning.sandbox`.
 """
 
 from hft_lightning.scoring.scorers import (
     ExactMatch,
+    ModelScorer,
     Scorer,
     ScorerName,
     build_scorer,
@@ -18,6 +20,7 @@ from hft_lightning.scoring.scorers import (
 
 __all__ = [
     "ExactMatch",
+    "ModelScorer",
     "Scorer",
     "ScorerName",
     "build_scorer",

@@ -29,6 +29,10 @@ from hft_lightning.sandbox import run_tests
 Scorer = Callable[[Sequence[str], Sequence[Example]], list[bool]]
 """Judges a batch of generations: ``scorer(predictions, examples)[i]`` is True when prediction i is correct."""
 
+ModelScorer = Callable[[Any, Any], float]
+"""Scores a whole model at once, higher is better: ``model_scorer(model, tokenizer)``, e.g. an lm-evaluation-harness
+task (:class:`~hft_lightning.scoring.harness.HarnessEvaluator`)."""
+
 ScorerName = Literal["exact_match", "code_exec", "contains", "instructions", "none"]
 
 _FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
