@@ -8,7 +8,8 @@ the data and plan it trains under) through ``python -m hft_lightning fit`` for e
   "total_s", "methods": {name: {"final", "final_std", "average_accuracy", "average_accuracy_std", "forgetting",
   "max_forgetting", "max_forgetting_std", "bwt", "steps", "wall_s", "stages", "accuracy_matrix", "per_seed"}}}``,
   scores in [0, 1]; ``accuracy_matrix`` is the mean matrix with the ``before`` row first; ``steps`` the optimizer
-  steps of the method's plan;
+  steps of the method's plan; ``"reference"`` and ``"paired"``: every other method's per-seed differences from
+  the reference method (:func:`paired`), ``None`` when the reference did not run;
 - ``benchmarks/results/forgetting_<regime>.md``: the same as a table, and ``forgetting_<regime>.png``, the methods'
   mean accuracy matrices side by side.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 import torch
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -218,6 +221,41 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired(methods: dict[str, dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """Each method against ``reference`` seed by seed: the mean difference and its 95% confidence interval.
+
+    Every method ran on the same seeds, so a seed's data and initial model are shared and the per-seed differences
+    cancel what the seed alone decides. The interval is Student's t on the differences:
+    ``mean +- t_{0.975, n-1} * sd / sqrt(n)`` (``n`` seeds; no interval for one seed).
+
+    Returns:
+        Method -> ``{"average_accuracy", "average_accuracy_ci95", "max_forgetting", "max_forgetting_ci95",
+        "better_seeds"}``: differences method - reference, the half-widths of their intervals (``None`` for one
+        seed), and on how many seeds the method's average accuracy is higher.
+    """
+    base = methods[reference]["per_seed"]
+    compared = {}
+    for name, summary in methods.items():
+        if name == reference:
+            continue
+        per_seed = summary["per_seed"]
+        row: dict[str, Any] = {}
+        for key in ("average_accuracy", "max_forgetting"):
+            differences = [a - b for a, b in zip(per_seed[key], base[key], strict=True)]
+            row[key] = statistics.fmean(differences)
+            row[f"{key}_ci95"] = _half_width(differences)
+        ours, theirs = per_seed["average_accuracy"], base["average_accuracy"]
+        row["better_seeds"] = sum(a > b for a, b in zip(ours, theirs, strict=True))
+        compared[name] = row
+    return compared
+
+
+def _half_width(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    return float(scipy.stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def markdown(results: dict[str, Any], figure_name: str) -> str:
     """The results as a markdown table (mean ± standard deviation over the seeds) with the figure below."""
     methods = results["methods"]
@@ -252,8 +290,30 @@ def markdown(results: dict[str, Any], figure_name: str) -> str:
             f"{m['wall_s']:.0f}",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results["paired"]:
+        lines += _paired_table(results["paired"], results["reference"], len(results["seeds"]))
     lines += ["", f"![Mean accuracy matrices]({figure_name})", ""]
     return "\n".join(lines)
+
+
+def _paired_table(compared: dict[str, dict[str, Any]], reference: str, seeds: int) -> list[str]:
+    def cell(row: dict[str, Any], key: str) -> str:
+        interval = row[f"{key}_ci95"]
+        return f"{row[key]:+.3f}" + ("" if interval is None else f" ± {interval:.3f}")
+
+    lines = [
+        "",
+        f"Paired against {reference}, seed by seed (method - {reference}; ± the 95% confidence interval's "
+        "half-width, Student's t over the seeds):",
+        "",
+        f"| method | average accuracy | max forgetting | seeds with a higher average (of {seeds}) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in compared.items():
+        lines.append(
+            f"| {name} | {cell(row, 'average_accuracy')} | {cell(row, 'max_forgetting')} | {row['better_seeds']} |"
+        )
+    return lines
 
 
 def figure(results: dict[str, Any]) -> Figure:
@@ -288,6 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "forgetting", help="where the runs go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where forgetting_<regime>.{json,md,png} go")
     parser.add_argument("--jobs", type=int, default=1, help="fits run at once, sharing the CPU cores")
+    parser.add_argument(
+        "--reference", default="multitask", help="the method the others are compared with seed by seed, if it ran"
+    )
     args = parser.parse_args(argv)
     missing = [path for m in args.methods for path in config_paths(m) if not path.is_file()]
     if missing:
@@ -324,7 +387,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_val": args.num_val,
         "total_s": sum(r["wall_s"] for rs in records.values() for r in rs),
         "methods": {m: summarize(rs) for m, rs in records.items()},
+        "reference": args.reference,
     }
+    results["paired"] = paired(results["methods"], args.reference) if args.reference in records else None
     stem = args.out / f"forgetting_{args.regime}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.forgetting import main, parse_args, run_config
+from benchmarks.forgetting import main, paired, parse_args, run_config
 
 
 def test_scaled_config_keeps_the_plan_and_drops_the_progress_bar():
@@ -46,6 +46,7 @@ def test_benchmark_writes_json_table_and_figure(tmp_path, regime, abilities):
     assert written == json.loads(json.dumps(results))
     assert written["regime"] == regime and written["seeds"] == [0] and written["device"] and written["total_s"] > 0
     assert list(written["methods"]) == ["sequential", "hft"]
+    assert written["reference"] == "multitask" and written["paired"] is None  # the reference did not run
     for name, m in written["methods"].items():
         assert list(m["final"]) == list(m["final_std"]) == list(m["forgetting"]) == abilities
         scores = [*m["final"].values(), m["average_accuracy"], *(x for row in m["accuracy_matrix"] for x in row)]
@@ -75,6 +76,23 @@ def test_incremental_methods_start_where_the_seeds_saved_start_ended(tmp_path):
         assert record["metrics"]["before"] == start_metrics["accuracy_matrix"][-1]  # the start's model, unchanged
         assert results["methods"][method]["steps"] == steps
         assert results["methods"][method]["stages"][0] == "recall"
+
+
+def test_methods_are_compared_with_the_reference_seed_by_seed():
+    def summary(averages, forgetting):
+        return {"per_seed": {"seed": [0, 1, 2], "average_accuracy": averages, "max_forgetting": forgetting}}
+
+    methods = {
+        "multitask": summary([0.9, 0.8, 0.7], [0.0, 0.1, 0.0]),
+        "hft": summary([0.95, 0.8, 0.8], [0.1, 0.1, 0.2]),
+    }
+    ((name, row),) = paired(methods, "multitask").items()
+    assert name == "hft" and row["better_seeds"] == 2  # a tie is not better
+    assert math.isclose(row["average_accuracy"], 0.05) and math.isclose(row["max_forgetting"], 0.1)
+    # differences 0.05, 0.0, 0.1: sd 0.05, t(0.975, 2 degrees of freedom) = 4.3027
+    assert math.isclose(row["average_accuracy_ci95"], 4.302653 * 0.05 / math.sqrt(3), rel_tol=1e-5)
+    one_seed = {k: {"per_seed": {key: v[:1] for key, v in m["per_seed"].items()}} for k, m in methods.items()}
+    assert paired(one_seed, "multitask")["hft"]["average_accuracy_ci95"] is None
 
 
 def test_an_unknown_method_names_the_missing_config(capsys):
