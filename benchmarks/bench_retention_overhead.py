@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import append_rows, device_name
 from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
-from hft_lightning.retention import AGEM, EWC, GEM, OnlineEWC, Replay
+from hft_lightning.retention import AGEM, EWC, GEM, KLAnchor, OnlineEWC, Replay
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retention_overhead.jsonl"
 METHODS: dict[str, Callable[[], list[Callback]]] = {
@@ -51,6 +51,8 @@ METHODS: dict[str, Callable[[], list[Callback]]] = {
     "agem_ref_every_10": lambda: [AGEM(ref_every=10)],
     "replay": lambda: [Replay()],
     "replay+ewc": lambda: [Replay(), EWC()],
+    "kl_anchor": lambda: [KLAnchor()],
+    "replay+kl_anchor": lambda: [Replay(), KLAnchor()],
 }
 
 
