@@ -1,7 +1,8 @@
 """``python -m hft_lightning``: the LightningCLI of a Hierarchical Fine-Tuning run.
 
 The embedded default is the constructors' defaults plus :func:`trainer_defaults`: with no argument,
-``fit`` trains the tiny LLaMA-style model on the built-in abilities through the default curriculum.
+``fit`` trains the tiny LLaMA-style model on the built-in abilities through the default curriculum, protected by
+:data:`RECOMMENDED_RETENTION`.
 ``configs/default.yaml`` spells the same run out (a test checks that they agree).
 """
 
@@ -28,6 +29,11 @@ from hft_lightning.module import HFTModule, check_checkpoint_format
 from hft_lightning.plan import DEFAULT_STAGES
 
 DEFAULT_ROOT_DIR = "runs/hft"
+RECOMMENDED_RETENTION = [
+    {"class_path": "hft_lightning.retention.Replay", "init_args": {"memory_size": 256, "ratio": 0.25}},
+    {"class_path": "hft_lightning.retention.WeightAveraging", "init_args": {"alphas": [0.25, 0.5, 0.75, 1.0]}},
+]
+"""The retention of the embedded default: the recipe chosen on validation seeds (benchmarks/LOG.md, 2026-12-05)."""
 
 
 def default_logger() -> dict[str, Any]:
@@ -139,7 +145,8 @@ class HFTCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
         stages = [asdict(s) for s in DEFAULT_STAGES]
         curriculum = {"class_path": "hft_lightning.Curriculum", "init_args": {"stages": stages}}
-        parser.set_defaults({"trainer.callbacks": [curriculum, {"class_path": "hft_lightning.StageProgressBar"}]})
+        progress = {"class_path": "hft_lightning.StageProgressBar"}
+        parser.set_defaults({"trainer.callbacks": [curriculum, progress, *RECOMMENDED_RETENTION]})
 
 
 def _curriculum_state(ckpt_path: str, curriculum: Curriculum) -> dict[str, Any]:

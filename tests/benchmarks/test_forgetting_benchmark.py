@@ -111,5 +111,5 @@ def test_a_recipe_takes_the_retention_of_another_config():
     assert classes == ["hft_lightning.Curriculum", "hft_lightning.retention.EWC"]  # hft's Replay + EWC replaced
     assert combined["trainer"]["callbacks"][0] == recipe["trainer"]["callbacks"][0]  # the recipe's plan
     assert {k: v for k, v in combined.items() if k != "trainer"} == {k: v for k, v in recipe.items() if k != "trainer"}
-    with pytest.raises(ValueError, match=r"configs/default.yaml: trainer.callbacks holds no hft_lightning.retention"):
-        run_config("hft@default", 1.0)
+    with pytest.raises(ValueError, match=r"configs/multitask.yaml: trainer.callbacks holds no hft_lightning.retention"):
+        run_config("hft@multitask", 1.0)
