@@ -240,12 +240,14 @@ def paired(methods: dict[str, dict[str, Any]], reference: str) -> dict[str, dict
             continue
         per_seed = summary["per_seed"]
         row: dict[str, Any] = {}
-        for key in ("average_accuracy", "max_forgetting"):
-            differences = [a - b for a, b in zip(per_seed[key], base[key], strict=True)]
-            row[key] = statistics.fmean(differences)
-            row[f"{key}_ci95"] = _half_width(differences)
-        ours, theirs = per_seed["average_accuracy"], base["average_accuracy"]
-        row["better_seeds"] = sum(a > b for a, b in zip(ours, theirs, strict=True))
+        differences = {
+            key: [a - b for a, b in zip(per_seed[key], base[key], strict=True)]
+            for key in ("average_accuracy", "max_forgetting")
+        }
+        for key, values in differences.items():
+            row[key] = statistics.fmean(values)
+            row[f"{key}_ci95"] = _half_width(values)
+        row["better_seeds"] = sum(d > 0 for d in differences["average_accuracy"])
         compared[name] = row
     return compared
 

@@ -42,6 +42,8 @@ COMPOSITE_SOURCE = "builtin:math_code"
 DEFAULT_ABILITIES = ["builtin:math", "builtin:code", "builtin:general"]
 BASE_ABILITIES = ("math", "code")
 """What the incremental regime's start was fine-tuned on."""
+RECALL = "recall"
+"""The name of the stage standing for the base's abilities in an incremental run."""
 RECALL_STEPS = 50
 """Steps of the stage standing for the base's abilities in an incremental run (where retention sees them)."""
 
@@ -137,13 +139,12 @@ def incremental(config: dict[str, Any]) -> dict[str, Any]:
     plan = stages(config)
     kept: list[dict[str, Any]] = []
     for stage in plan:
-        trained = {a for a, w in stage["mixture"].items() if w > 0}
         if stage["name"] == FOUNDATION:
             continue
-        if not trained <= set(BASE_ABILITIES):
+        if not {a for a, w in stage["mixture"].items() if w > 0} <= set(BASE_ABILITIES):
             kept.append(stage)
-        elif not kept or kept[-1]["name"] != "recall":
-            kept.append({"name": "recall", "steps": RECALL_STEPS, "mixture": dict.fromkeys(BASE_ABILITIES, 1.0)})
+        elif not kept or kept[-1]["name"] != RECALL:  # a run of base-only stages becomes one recall stage
+            kept.append({"name": RECALL, "steps": RECALL_STEPS, "mixture": dict.fromkeys(BASE_ABILITIES, 1.0)})
     plan[:] = kept
     return config
 
