@@ -55,6 +55,11 @@ def check_trainer(trainer: pl.Trainer) -> None:
             f"set trainer.use_distributed_sampler: false with {trainer.world_size} processes: the curriculum's "
             "stage sampler shards each batch across the processes itself"
         )
+    if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy):
+        raise ConfigError(
+            f"trainer.strategy={type(trainer.strategy).__name__} is not supported: shard the model with FSDP2 "
+            "instead, strategy=ModelParallelStrategy (see configs/fsdp.yaml)"
+        )
     if trainer.max_steps != -1:
         raise ConfigError(
             f"trainer.max_steps={trainer.max_steps} conflicts with the curriculum, which sets the length of "
@@ -122,13 +127,13 @@ def check_stage_hooks(callbacks: Sequence[Callback]) -> None:
 
 
 def refuse_sharded(trainer: pl.Trainer, name: str, why: str = "its state is not sharded") -> None:
-    """Refuses the sharded strategies, whose parameters ``name`` cannot work with (``why``).
+    """Refuses FSDP2 (``ModelParallelStrategy``), whose sharded parameters ``name`` cannot work with (``why``).
 
     Raises:
         ConfigError: Naming ``name`` and ``trainer.strategy``.
     """
-    if isinstance(trainer.strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+    if isinstance(trainer.strategy, ModelParallelStrategy):
         raise ConfigError(
-            f"{name} does not support trainer.strategy={type(trainer.strategy).__name__} yet "
-            f"({why}); use a single device or strategy=ddp"
+            f"{name} does not support trainer.strategy=ModelParallelStrategy (FSDP2) yet ({why}); use a single "
+            "device or strategy=ddp"
         )

@@ -20,6 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -32,6 +33,7 @@ def save_model(
     tokenizer: PreTrainedTokenizerBase,
     lora: LoRA | None = None,
     name_or_path: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Saves ``model`` and ``tokenizer`` with ``save_pretrained`` into ``directory``, replacing it whole.
 
@@ -41,6 +43,7 @@ def save_model(
         tokenizer: Its tokenizer.
         lora: The adapter settings of a LoRA run (``lora.save`` picks merged or adapter output).
         name_or_path: The pretrained model a LoRA run adapted, reloaded to merge into.
+        state_dict: The weights to save instead of ``model.state_dict()`` (a sharded model's, gathered).
 
     Returns:
         The folder.
@@ -50,9 +53,9 @@ def save_model(
     staging = _hidden_sibling(directory, "staging")
     try:
         if lora is not None and lora.save == "merged":
-            _merged(model, name_or_path, staging).save_pretrained(staging)
+            _merged(model, name_or_path, staging, state_dict).save_pretrained(staging)
         else:
-            model.save_pretrained(staging)  # a peft model saves its adapter only
+            model.save_pretrained(staging, state_dict=state_dict)  # a peft model saves its adapter only
         tokenizer.save_pretrained(staging)
         _replace_dir(staging, directory)
     finally:
@@ -63,10 +66,12 @@ def save_model(
     return directory
 
 
-def _merged(model: nn.Module, name_or_path: str, scratch: Path) -> nn.Module:
+def _merged(
+    model: nn.Module, name_or_path: str, scratch: Path, state_dict: dict[str, torch.Tensor] | None
+) -> nn.Module:
     """The pretrained model, freshly loaded in fp32 on the CPU, with ``model``'s trained adapters merged in."""
     adapter = scratch / "adapter"
-    model.save_pretrained(adapter)
+    model.save_pretrained(adapter, state_dict=state_dict)
     base = AutoModelForCausalLM.from_pretrained(name_or_path).float()
     merged = import_peft().PeftModel.from_pretrained(base, adapter).merge_and_unload()
     shutil.rmtree(adapter)

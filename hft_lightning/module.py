@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -46,6 +47,7 @@ from hft_lightning.metrics.ability_score import AbilityScore
 from hft_lightning.plan import Plan, require_plan
 from hft_lightning.schedule import StageSchedule
 from hft_lightning.scoring import ModelScorer
+from hft_lightning.sharding import full_state_dict, is_sharded, shard_model
 
 if TYPE_CHECKING:
     from hft_lightning.retention.contracts import LossTerm
@@ -175,6 +177,23 @@ class HFTModule(pl.LightningModule):
         if self.evaluators:
             names = ", ".join(f"data.abilities[{name!r}].lm_eval" for name in self.evaluators)
             refuse_sharded(self.trainer, names, "the harness runs the whole model on global rank 0")
+
+    @override
+    def configure_model(self) -> None:
+        """Shards the model over the processes (FSDP2, :mod:`~hft_lightning.sharding`) under ``ModelParallelStrategy``.
+
+        Raises:
+            ConfigError: If the strategy asks for tensor parallelism, or the model cannot be sharded.
+        """
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or is_sharded(self.model):
+            return
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                f"trainer.strategy: ModelParallelStrategy(tensor_parallel_size={mesh['tensor_parallel'].size()}) "
+                "asks for tensor parallelism; hft_lightning shards with FSDP2 only: set tensor_parallel_size: 1"
+            )
+        shard_model(self.model, self.causal_lm, mesh["data_parallel"], self.trainer.precision)
 
     @property
     def causal_lm(self) -> PreTrainedModel:
@@ -331,12 +350,18 @@ class HFTModule(pl.LightningModule):
         self._log_scores("test", self.compute_scores())
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Saves the fine-tuned model and its tokenizer with transformers' ``save_pretrained``.
+        """Saves the fine-tuned model and its tokenizer with transformers' ``save_pretrained``, from global rank 0.
+
+        Under several processes every one must call it: a sharded model's full weights are gathered first.
 
         Returns:
             The folder (:func:`~hft_lightning.export.save_model`).
         """
-        return save_model(Path(directory), self.model, self.tokenizer, self.lora, self.name_or_path)
+        directory = Path(directory)
+        state_dict = full_state_dict(self.model) if is_sharded(self.model) else None
+        if self.global_rank == 0:
+            save_model(directory, self.model, self.tokenizer, self.lora, self.name_or_path, state_dict)
+        return directory
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -349,8 +374,10 @@ class HFTModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             check_checkpoint_format(checkpoint)
         # Format 1 kept the accuracy matrix in the module's state (now the Report callback's): weights still load.
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
+        # A distributed (FSDP2) checkpoint has no "state_dict": Lightning loads its weights shard by shard.
+        if "state_dict" in checkpoint:
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("accuracy_matrix.")}
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

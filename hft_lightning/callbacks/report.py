@@ -123,9 +123,10 @@ class Report(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         derived = self.accuracy_matrix.compute()  # a collective under DDP (a row recorded since the last compute)
+        root = Path(trainer.default_root_dir)
+        saved = pl_module.save_pretrained(root / "model")  # every process: a sharded model is gathered first
         if not trainer.is_global_zero:
             return
-        root = Path(trainer.default_root_dir)
         results = Results(
             abilities=self.abilities,
             before=self._by_ability(self.accuracy_matrix.before),
@@ -142,7 +143,6 @@ class Report(Callback):
         ]
         report = write_report(root / "report", self.plan, results, sections)
         rank_zero_info(f"HFT report written to {report} (summary.md, metrics.json, plots)")
-        saved = pl_module.save_pretrained(root / "model")
         rank_zero_info(f"Fine-tuned model and tokenizer saved to {saved} (transformers save_pretrained)")
 
     def _by_ability(self, scores: torch.Tensor) -> list[float]:

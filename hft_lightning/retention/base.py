@@ -24,7 +24,7 @@ trainable parameters are protected, so adapters (LoRA) are protected and frozen 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -49,6 +49,9 @@ class RetentionCallback(Callback):
         **identity: The arguments that identify this instance (for example ``lam=100.0``). They are folded into
             :attr:`state_key`, so two instances with different arguments keep separate state in one checkpoint.
     """
+
+    works_sharded: ClassVar[bool] = False
+    """Whether the method works on FSDP2-sharded parameters (``ModelParallelStrategy``); refused there otherwise."""
 
     def __init__(self, **identity: Any):
         self._identity = identity
@@ -77,8 +80,8 @@ class RetentionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        name = type(self).__name__
-        refuse_sharded(trainer, name)
+        if not self.works_sharded:
+            refuse_sharded(trainer, type(self).__name__)
         if stage != "fit":
             return
         needs = [("datamodule", trainer.datamodule, StageData), ("module", pl_module, HasLoss)]

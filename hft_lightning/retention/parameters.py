@@ -14,10 +14,16 @@ import torch
 from torch import nn
 
 from hft_lightning.errors import ConfigError
+from hft_lightning.sharding import reshard
 
 
 def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters retention protects: every parameter of ``module`` that requires a gradient, by name."""
+    """The parameters retention protects: every parameter of ``module`` that requires a gradient, by name.
+
+    Under FSDP2 these are the process's shards (``DTensor``s): groups left gathered by a forward pass outside
+    training are resharded first (:func:`~hft_lightning.sharding.reshard`).
+    """
+    reshard(module)
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 

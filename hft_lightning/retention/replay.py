@@ -54,6 +54,8 @@ class Replay(RetentionCallback):
         Replay(memory_size=256, share=1 / 256)  # DMT's k = 1/256: one replayed row in 256 of each stage
     """
 
+    works_sharded = True
+
     def __init__(self, memory_size: int = 256, ratio: float | None = None, share: float | None = None):
         if memory_size <= 0:
             raise ConfigError(f"Replay(memory_size={memory_size}): memory_size must be > 0")

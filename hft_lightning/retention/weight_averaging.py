@@ -75,6 +75,8 @@ class WeightAveraging(RetentionCallback):
         trainer = Trainer(callbacks=[Curriculum(), WeightAveraging(alphas=(0.25, 0.5, 0.75, 1.0)), Report()])
     """
 
+    works_sharded = True
+
     def __init__(self, alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0), probe_examples: int = 32):
         alphas = tuple(float(a) for a in alphas)
         if not alphas:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from hft_lightning import Curriculum, Stage
 from hft_lightning.errors import ConfigError
@@ -104,10 +104,12 @@ def test_only_trainable_parameters_are_protected(tmp_path):
     assert len(names) == sum(1 for p in module.parameters() if p.requires_grad)
 
 
-def test_sharded_strategies_are_refused_in_setup():
-    trainer = SimpleNamespace(strategy=FSDPStrategy())  # a Trainer refuses FSDP without a GPU before we could
-    with pytest.raises(ConfigError, match="FSDPStrategy"):
+def test_methods_that_do_not_work_sharded_are_refused_under_fsdp2():
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    with pytest.raises(ConfigError, match=r"EWC does not support trainer.strategy=ModelParallelStrategy \(FSDP2\)"):
         EWC().setup(trainer, torch.nn.Module(), "fit")
+    for works_sharded in (Replay(), WeightAveraging()):
+        works_sharded.setup(trainer, torch.nn.Module(), "validate")  # refused before any stage check, or not at all
 
 
 def test_retention_must_come_after_the_curriculum(tmp_path):

@@ -1,0 +1,60 @@
+"""Fits the tiny three-stage problem with Replay and WeightAveraging under DDP or FSDP2 and saves what it ends with.
+
+Run as a script, so that Lightning's launcher can start the other processes the same way:
+
+    python tests/retention/sharded_fit.py OUT --strategy fsdp2   # 2 processes, gloo, CPU, ModelParallelStrategy
+    python tests/retention/sharded_fit.py OUT --strategy ddp     # the same batches, each process holding all weights
+
+Both train on the same per-process batches at the same learning rate, so FSDP2 must end where DDP ends. Each
+process writes ``OUT/rank<r>.pt``: its full parameters (gathered), the number of parameter elements it keeps, and
+WeightAveraging's choices; the run's report and exported model are in ``OUT/report`` and ``OUT/model``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from hft_lightning.retention import Replay, WeightAveraging
+from hft_lightning.sharding import reshard
+from tests.helpers import tiny_datamodule
+from tests.retention.common import fit
+
+STRATEGIES = {
+    "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    "ddp": lambda: "ddp",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--strategy", choices=list(STRATEGIES), required=True)
+    args = parser.parse_args()
+    averaging = WeightAveraging(alphas=(0.25, 0.5), probe_examples=4)  # either merges
+    module, trainer = fit(
+        args.out,
+        [Replay(memory_size=8, ratio=0.25), averaging],
+        data=tiny_datamodule(batch_size=4),
+        devices=2,
+        strategy=STRATEGIES[args.strategy](),
+        use_distributed_sampler=False,
+    )
+    reshard(module)
+    params = dict(module.named_parameters())
+    state = {
+        "params": {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in params.items()},
+        "local_numel": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params.values()),
+        "numel": sum(p.numel() for p in params.values()),
+        "merges": [{k: v for k, v in m.items() if k != "seconds"} for m in averaging.merges],
+    }
+    torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
