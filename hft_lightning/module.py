@@ -185,7 +185,10 @@ class HFTModule(pl.LightningModule):
         Raises:
             ConfigError: If the strategy asks for tensor parallelism, or the model cannot be sharded.
         """
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or is_sharded(self.model):
+        # load_from_checkpoint calls this hook with no trainer attached: nothing to shard over then
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if is_sharded(self.model):
             return
         mesh = self.device_mesh
         if mesh["tensor_parallel"].size() > 1:
@@ -313,14 +316,32 @@ class HFTModule(pl.LightningModule):
         """Each evaluator's score of the model, measured on global rank 0 and broadcast to every process.
 
         Evaluation runs in the trainer's precision context (autocast under ``bf16-mixed``), as validation does.
+        An evaluator that fails on rank 0 fails every process: its error is broadcast in place of the scores, so no
+        process is left waiting at the broadcast.
+
+        Raises:
+            RuntimeError: Naming the ability and rank 0's error, on every process.
         """
         if not self.evaluators:
             return {}
-        scores: dict[str, float] = {}
+        outcome: tuple[dict[str, float], str | None] = ({}, None)
+        cause: Exception | None = None
         if self.trainer.is_global_zero:
-            with self.trainer.precision_plugin.val_step_context():
-                scores = {name: evaluate(self.model, self.tokenizer) for name, evaluate in self.evaluators.items()}
-        scores = self.trainer.strategy.broadcast(scores)
+            name = ""
+            try:
+                with self.trainer.precision_plugin.val_step_context():
+                    scores = {}
+                    for name, evaluate in self.evaluators.items():
+                        scores[name] = evaluate(self.model, self.tokenizer)
+                outcome = (scores, None)
+            except Exception as error:  # every process must learn of it, or the others wait at the broadcast
+                if self.trainer.world_size == 1:
+                    raise
+                outcome = ({}, f"data.abilities[{name!r}].lm_eval failed on global rank 0: {error!r}")
+                cause = error
+        scores, failure = self.trainer.strategy.broadcast(outcome)
+        if failure is not None:
+            raise RuntimeError(failure) from cause
         return {name: torch.tensor(score, dtype=torch.float32, device=self.device) for name, score in scores.items()}
 
     def _log_scores(self, split: str, scores: torch.Tensor) -> None:

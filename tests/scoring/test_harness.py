@@ -1,8 +1,11 @@
 """Abilities scored by lm-evaluation-harness tasks: small local task YAMLs, scored offline on the tiny model."""
 
 import copy
+import os
 import random
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +208,32 @@ def test_the_lm_eval_config_fits_from_the_command_line(tmp_path, monkeypatch):
     assert metrics["abilities"] == ["math", "general", "word_problems"]
     scores = [metrics["before"][2], *(row[2] for row in metrics["accuracy_matrix"])]
     assert all(0.0 <= score <= 1.0 for score in scores) and "word_problems" in metrics["forgetting"]
+
+
+def _ddp_fit(out, tasks, *args) -> subprocess.CompletedProcess:
+    script = Path(__file__).with_name("harness_ddp_fit.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[2]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(script), str(out), str(tasks), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_under_ddp_every_process_holds_the_score_rank_zero_measured(tasks, tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    for out, devices in [(ddp, "2"), (single, "1")]:
+        result = _ddp_fit(out, tasks, "--devices", devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+    matrices = [torch.load(path, weights_only=True)["matrix"] for path in (ddp / "rank0.pt", ddp / "rank1.pt")]
+    expected = torch.load(single / "rank0.pt", weights_only=True)["matrix"]
+    assert expected[:, 1].gt(0).all()  # the harness scored the ability before and after the stage
+    for matrix in matrices:
+        torch.testing.assert_close(matrix, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_harness_failure_on_rank_zero_stops_every_process_instead_of_hanging(tasks, tmp_path):
+    result = _ddp_fit(tmp_path, tasks, "--devices", "2", "--fail")
+    assert result.returncode != 0
+    message = "data.abilities['sums'].lm_eval failed on global rank 0: OSError('the harness failed on purpose')"
+    assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both processes
