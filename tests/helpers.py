@@ -1,6 +1,10 @@
 """Tiny, fast building blocks for tests: a small datamodule and model, and a quiet CPU trainer."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
@@ -8,6 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hft_lightning import HFTModule, StagedDataModule
 from hft_lightning.callbacks import Report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_new_tokens": 12}
 TINY_DATA = {"num_train": 64, "num_val": 6, "batch_size": 4, "val_batch_size": 6, "vocab_size": 400}
@@ -74,3 +80,12 @@ def save_tiny_pretrained(directory, data: StagedDataModule, chat_template: str |
     Qwen2ForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """Runs a test script (a multi-process fit, which Lightning's launcher starts again per process) from the repo.
+
+    The repository root is put on ``PYTHONPATH`` so the script and the processes it launches import ``tests``.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)

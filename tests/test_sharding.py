@@ -5,7 +5,6 @@ recommended recipe), so every step's averaged gradient, every merge and every sc
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +20,14 @@ from transformers import AutoModelForCausalLM
 from hft_lightning.checks import check_trainer
 from hft_lightning.errors import ConfigError
 from hft_lightning.sharding import decoder_layers, shard_model
-from tests.helpers import tiny_datamodule, tiny_module
+from tests.helpers import ROOT, run_script, tiny_datamodule, tiny_module
 from tests.test_cli import TINY_FLAGS, TINY_PLAN
 
 SCRIPT = Path(__file__).parent / "retention" / "sharded_fit.py"
-ROOT = SCRIPT.parents[2]
 
 
 def _fit(out: Path, strategy: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), "--strategy", strategy],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_script(SCRIPT, str(out), "--strategy", strategy)
     assert result.returncode == 0, result.stderr[-3000:]
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)}
 

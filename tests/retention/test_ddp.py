@@ -6,9 +6,7 @@ weights and must agree.
 """
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +15,13 @@ from lightning.pytorch import Trainer
 
 from hft_lightning.checks import check_trainer
 from hft_lightning.errors import ConfigError
+from tests.helpers import run_script
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
-ROOT = SCRIPT.parents[2]
 
 
 def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *args], env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_script(SCRIPT, str(out), *args)
 
 
 def _tensors(state, prefix=""):

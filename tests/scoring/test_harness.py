@@ -1,7 +1,6 @@
 """Abilities scored by lm-evaluation-harness tasks: small local task YAMLs, scored offline on the tiny model."""
 
 import copy
-import os
 import random
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from hft_lightning.lora import LoRA
 from hft_lightning.module import HFTModule
 from hft_lightning.scoring.harness import LMEvalTask
 from tests.data.files import records, write_jsonl
-from tests.helpers import make_trainer, tiny_datamodule, tiny_module
+from tests.helpers import make_trainer, run_script, tiny_datamodule, tiny_module
 
 pytest.importorskip("lm_eval")
 
@@ -211,11 +210,7 @@ def test_the_lm_eval_config_fits_from_the_command_line(tmp_path, monkeypatch):
 
 
 def _ddp_fit(out, tasks, *args) -> subprocess.CompletedProcess:
-    script = Path(__file__).with_name("harness_ddp_fit.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(script), str(out), str(tasks), *args], env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_script(Path(__file__).with_name("harness_ddp_fit.py"), str(out), str(tasks), *args)
 
 
 @pytest.mark.slow
