@@ -157,6 +157,7 @@ def gem_project_(
     grads: Sequence[torch.Tensor],
     refs: Sequence[Sequence[torch.Tensor]],
     backend: str | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Projects ``grads`` in place so that no reference gradient's loss increases (GEM; A-GEM for k = 1).
 
@@ -171,6 +172,10 @@ def gem_project_(
         refs: k <= ``MAX_REFS`` lists of T tensors, the reference gradients, each shaped like ``grads``
             (fp32; bf16 opt-in; one dtype per tensor index).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; ``None`` reads ``HFT_KERNELS_BACKEND``.
+        process_group: When g and the references are sharded over the processes of this group (each passes its
+            shards, FSDP2), the k + k^2 dot products are summed over the group (one all-reduce) before the solve,
+            so every process finds the v* of the whole vectors and projects its shards as the unsharded g would
+            be. Every process of the group must call it.
 
     Returns:
         The dual solution v* [k], fp32, on the device: zero where constraint j was inactive, NaN if g or a
@@ -195,7 +200,12 @@ def gem_project_(
     if device is None or k == 0:
         return torch.zeros(k, device=device or torch.device("cpu"))
     backend = resolve_backend(backend, device)
-    v = solve_gem_dual(*reversed(gem_dots(grads, refs, backend=backend)))
+    dots, gram = gem_dots(grads, refs, backend=backend)
+    if process_group is not None:
+        summed = torch.cat([dots, gram.view(-1)])
+        torch.distributed.all_reduce(summed, group=process_group)
+        dots, gram = summed[:k], summed[k:].view(k, k)
+    v = solve_gem_dual(gram, dots)
     update = _update_triton if backend == "triton" else _update_torch
     update([grads, *refs], v)
     return v

@@ -3,10 +3,12 @@
 Lightning's ``ModelParallelStrategy`` starts the processes, builds the device mesh and calls the module's
 ``configure_model``, where :func:`shard_model` applies ``torch.distributed.fsdp.fully_shard`` to every decoder layer
 (the classes a transformers model names in ``_no_split_modules``: ``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...)
-and then to the whole model. Each process then keeps ``1/N`` of every parameter, gradient and optimizer state (the
-parameters are ``DTensor``s sharded on dim 0); a layer's weights are all-gathered for its forward and backward and
-freed after them, and gradients are reduce-scattered. What belongs to no layer (embeddings, the final norm, the
-output layer, tied to the embeddings in the embedded model) is one group gathered with the root.
+and then to the transformers causal LM, the root. Each process then keeps ``1/N`` of every parameter, gradient and
+optimizer state (the parameters are ``DTensor``s sharded on dim 0); a layer's weights are all-gathered for its forward
+and backward and freed after them, and gradients are reduce-scattered. What belongs to no layer (embeddings, the final
+norm, the output layer, tied to the embeddings in the embedded model) is one group gathered with the root. Under LoRA
+the root is still the causal LM, inside the peft wrapper: peft's ``generate`` calls the causal LM directly, so hooks on
+the wrapper would not gather the embeddings for generation.
 
 Under ``bf16-mixed`` precision FSDP2 gathers the parameters in bf16 and reduces gradients in fp32
 (``MixedPrecisionPolicy``); the sharded parameters and the optimizer state stay fp32.
@@ -18,11 +20,15 @@ rank 0 (:func:`full_state_dict`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hft_lightning.errors import ConfigError
 
@@ -54,7 +60,7 @@ def decoder_layers(model: nn.Module, causal_lm: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, causal_lm: nn.Module, mesh: DeviceMesh, precision: str) -> None:
-    """Shards ``model`` in place over ``mesh``: each decoder layer, then the root.
+    """Shards ``model`` in place over ``mesh``: each decoder layer, then the causal LM as the root.
 
     Args:
         model: The trained model (the causal LM, or the peft model wrapping it under LoRA).
@@ -73,7 +79,7 @@ def shard_model(model: nn.Module, causal_lm: nn.Module, mesh: DeviceMesh, precis
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES.get(precision), reduce_dtype=torch.float32)
     for layer in decoder_layers(model, causal_lm):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(causal_lm, mesh=mesh, mp_policy=policy)
 
 
 def reshard(module: nn.Module) -> None:
@@ -90,8 +96,8 @@ def reshard(module: nn.Module) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether :func:`shard_model` (or any ``fully_shard``) has sharded ``model``."""
-    return isinstance(model, FSDPModule)
+    """Whether :func:`shard_model` (or any ``fully_shard``) has sharded ``model`` or a module inside it."""
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,3 +108,46 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The process's shard of ``tensor`` (a view: writing to it writes the ``DTensor``); ``tensor`` if not sharded."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_group(params: Iterable[torch.Tensor]) -> torch.distributed.ProcessGroup | None:
+    """The process group ``params`` are sharded over, or ``None`` when none of them is a ``DTensor``."""
+    for param in params:
+        if isinstance(param, DTensor):
+            return param.device_mesh.get_group()
+    return None
+
+
+def shard_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped like ``param``) on ``param``'s device, sharded as ``param`` is when it is a ``DTensor``.
+
+    Every process passes the same full ``tensor`` (restored from a checkpoint) and keeps its own chunk: no
+    communication. A ``tensor`` that is already a ``DTensor`` is returned as it is.
+    """
+    if isinstance(tensor, DTensor):
+        return tensor
+    tensor = tensor.to(param.device)
+    if not isinstance(param, DTensor):
+        return tensor
+    return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def gathered(state: Any) -> Any:
+    """``state`` (dicts and lists walked) with every ``DTensor`` replaced by its full tensor in CPU memory.
+
+    Retention callbacks return it from ``state_dict``: Lightning's ``ModelParallelStrategy`` writes callback state
+    once, from rank 0, so each sharded tensor is all-gathered (a collective: every process calls it, as Lightning
+    does when saving) and the checkpoint holds what a single process would hold. One tensor is gathered at a time.
+    """
+    if isinstance(state, DTensor):
+        return state.full_tensor().cpu()
+    if isinstance(state, dict):
+        return {key: gathered(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [gathered(value) for value in state]
+    return state

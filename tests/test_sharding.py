@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 from hft_lightning.checks import check_trainer
 from hft_lightning.errors import ConfigError
 from hft_lightning.sharding import decoder_layers, shard_model
-from tests.helpers import ROOT, run_script, tiny_datamodule, tiny_module
+from tests.helpers import ROOT, run_script, save_tiny_pretrained, tiny_datamodule, tiny_module
+from tests.retention.sharded_fit import lora_model
 from tests.test_cli import TINY_FLAGS, TINY_PLAN
 
 SCRIPT = Path(__file__).parent / "retention" / "sharded_fit.py"
@@ -69,6 +70,30 @@ def test_the_export_holds_the_full_trained_weights(runs):
     state = exported.state_dict()
     for name, value in trained.items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_trains_only_the_adapters_and_ewc_keeps_their_shards(tmp_path):
+    pretrained = save_tiny_pretrained(tmp_path / "pretrained", tiny_datamodule())
+    out = tmp_path / "run"
+    result = run_script(SCRIPT, str(out), "--strategy", "fsdp2", "--lora", str(pretrained))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "rank0.pt", weights_only=False)
+    L.seed_everything(0)
+    data = tiny_datamodule(batch_size=4, tokenizer_name_or_path=str(pretrained))
+    initial = dict(tiny_module(data, **lora_model(pretrained)).named_parameters())
+    adapters = state["trainable"]
+    assert adapters and all(".lora_A." in name or ".lora_B." in name for name in adapters)
+    assert state["params"].keys() == initial.keys()
+    for name, value in state["params"].items():
+        assert torch.equal(value, initial[name]) == (name not in adapters), name  # only the adapters moved
+    assert [sorted(stage["fisher"]) for stage in state["retention"]["consolidated"]] == [adapters] * 2
+    assert state["local_numel"] * 2 == state["numel"]
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()  # adapters merged into the weights
+    base = AutoModelForCausalLM.from_pretrained(pretrained).state_dict()
+    attention = "model.layers.0.self_attn"
+    assert not torch.equal(exported[f"{attention}.q_proj.weight"], base[f"{attention}.q_proj.weight"])
+    assert torch.equal(exported[f"{attention}.k_proj.weight"], base[f"{attention}.k_proj.weight"])
 
 
 RECIPE_PLAN = (

@@ -8,6 +8,7 @@ new batch at every step (``ref_every=1``); ``ref_every > 1`` reuses the referenc
 (:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). The batch is drawn
 from a generator seeded by the data seed and the step, so a resumed run draws what the uninterrupted run drew.
 Like GEM, A-GEM has no strength knob: :meth:`~hft_lightning.retention.RetentionCallback.strengthen` changes nothing.
+Under FSDP2 it works on shards as GEM does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hft_lightning.retention.memory import ExampleMemory, Item
 from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
 from hft_lightning.seeds import derive_seed
+from hft_lightning.sharding import local, shard_group
 
 
 class AGEM(RetentionCallback):
@@ -41,6 +43,8 @@ class AGEM(RetentionCallback):
 
         trainer = Trainer(callbacks=[Curriculum(), AGEM(memory_size=64, batch_size=32, ref_every=10), Report()])
     """
+
+    works_sharded = True
 
     def __init__(self, memory_size: int = 64, batch_size: int = 32, ref_every: int = 1):
         for name, value in {"memory_size": memory_size, "batch_size": batch_size, "ref_every": ref_every}.items():
@@ -68,7 +72,8 @@ class AGEM(RetentionCallback):
         if not items:
             return
         self.references.refresh(trainer.global_step, lambda: self._averaged(trainer, pl_module, params, items))
-        v = gem_project_([p.grad for p in params.values()], self.references.ordered(params))
+        refs = [[local(ref) for ref in reference] for reference in self.references.ordered(params)]
+        v = gem_project_([local(p.grad) for p in params.values()], refs, process_group=shard_group(params.values()))
         pl_module.log("retention/agem_violated", (v > 0).sum().float())
 
     def _averaged(

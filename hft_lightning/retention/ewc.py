@@ -5,6 +5,10 @@ the finished stage's data and snapshots the weights ``theta*_s``. Every later op
 of ``sum_s lam/2 * sum_i F_s,i (theta_i - theta*_s,i)^2`` to the training gradient with the fused
 :func:`hft_kernels.ewc_penalty_` (one pass over memory per stage) and logs the penalty as ``retention/ewc_penalty``.
 Memory: two fp32 copies of the trainable parameters per consolidated stage (see :class:`OnlineEWC` for one).
+
+Under FSDP2 each process keeps the Fisher and anchors of its own shards (``1/N`` of the state) and the kernel runs
+on them unchanged; the penalty's partial sums are added over the processes for the log. The checkpoint holds the
+gathered tensors (:func:`~hft_lightning.sharding.gathered`), re-sharded when a run resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,29 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import stage_fisher
 from hft_lightning.retention.parameters import on_parameters, trainable
+from hft_lightning.sharding import gathered, local, shard_group
+
+
+def ewc_pull_(
+    params: dict[str, nn.Parameter], anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], lam: float
+) -> torch.Tensor:
+    """Adds ``lam * F * (theta - theta*)`` to the gradients of ``params`` (by name); returns the penalty.
+
+    Runs :func:`hft_kernels.ewc_penalty_` on each process's shards under FSDP2 (on the tensors themselves
+    otherwise) and sums the penalty over the processes, so every process returns the whole model's penalty.
+    """
+    theta = list(params.values())
+    penalty = ewc_penalty_(
+        [local(p.detach()) for p in theta],
+        [local(anchor[name]) for name in params],
+        [local(fisher[name]) for name in params],
+        [local(p.grad) for p in theta],
+        lam,
+    )
+    group = shard_group(theta)
+    if group is not None:
+        torch.distributed.all_reduce(penalty, group=group)
+    return penalty
 
 
 class EWC(RetentionCallback):
@@ -39,6 +66,8 @@ class EWC(RetentionCallback):
 
         trainer = Trainer(callbacks=[Curriculum(), EWC(lam=1000.0), Report()])
     """
+
+    works_sharded = True
 
     def __init__(self, lam: float = 1000.0, fisher_samples: int = 64):
         if not lam > 0:
@@ -74,25 +103,13 @@ class EWC(RetentionCallback):
     ) -> None:
         if not self.consolidated:
             return
-        theta = list(params.values())
-        grads = [p.grad for p in theta]
-        penalty = torch.stack(
-            [
-                ewc_penalty_(
-                    theta,
-                    [state["anchor"][name] for name in params],
-                    [state["fisher"][name] for name in params],
-                    grads,
-                    self.lam * self.strength_scale,
-                )
-                for state in self.consolidated
-            ]
-        ).sum()
+        lam = self.lam * self.strength_scale
+        penalty = sum(ewc_pull_(params, state["anchor"], state["fisher"], lam) for state in self.consolidated)
         pl_module.log("retention/ewc_penalty", penalty)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"consolidated": self.consolidated}
+        return {"consolidated": gathered(self.consolidated)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -12,6 +12,11 @@ memory per step. ``ref_every > 1`` reuses them for that many steps, trading exac
 (:class:`~hft_lightning.retention.references.ReferenceGradients`, part of the checkpoint). Memory: k fp32 copies
 of the trainable parameters. GEM has no strength knob (the projection removes exactly the conflicting part, no more):
 :meth:`~hft_lightning.retention.RetentionCallback.strengthen` changes nothing.
+
+Under FSDP2 each process keeps the references of its shards and projects its shard of g: only the k dot products
+``G g`` and the k x k Gram matrix are all-reduced (``gem_project_(..., process_group=...)``), so the projected
+gradient is the unsharded one. Every process computes the references on all of the memory
+(:mod:`~hft_lightning.retention.gradients`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
 from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
+from hft_lightning.sharding import local, shard_group
 
 
 class GEM(RetentionCallback):
@@ -43,6 +49,8 @@ class GEM(RetentionCallback):
 
         trainer = Trainer(callbacks=[Curriculum(), GEM(memory_size=32), Report()])
     """
+
+    works_sharded = True
 
     def __init__(self, memory_size: int = 32, ref_every: int = 1, batch_size: int = 32):
         for name, value in {"memory_size": memory_size, "ref_every": ref_every, "batch_size": batch_size}.items():
@@ -73,7 +81,8 @@ class GEM(RetentionCallback):
         if not self.memory.abilities:
             return
         self.references.refresh(trainer.global_step, lambda: self._per_ability(trainer, pl_module, params))
-        v = gem_project_([p.grad for p in params.values()], self.references.ordered(params))
+        refs = [[local(ref) for ref in reference] for reference in self.references.ordered(params)]
+        v = gem_project_([local(p.grad) for p in params.values()], refs, process_group=shard_group(params.values()))
         pl_module.log("retention/gem_violated", (v > 0).sum().float())
 
     def _per_ability(

@@ -3,7 +3,8 @@
 At each stage end the running Fisher decays and takes in the finished stage's empirical Fisher,
 ``F = gamma * F + F_s``, and the anchors move to the current weights ``theta* = theta``. Every later step adds
 ``lam * F * (theta - theta*)`` to the gradient with :func:`hft_kernels.ewc_penalty_` (one pass over memory) and logs
-``retention/ewc_penalty``. Memory: two fp32 copies of the trainable parameters, however many stages.
+``retention/ewc_penalty``. Memory: two fp32 copies of the trainable parameters, however many stages; under FSDP2
+each process keeps those of its shards, as :class:`~hft_lightning.retention.EWC` does.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from hft_kernels import ewc_penalty_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
+from hft_lightning.retention.ewc import ewc_pull_
 from hft_lightning.retention.gradients import stage_fisher
 from hft_lightning.retention.parameters import on_parameters, trainable
+from hft_lightning.sharding import gathered, local
 
 
 class OnlineEWC(RetentionCallback):
@@ -36,6 +38,8 @@ class OnlineEWC(RetentionCallback):
 
         trainer = Trainer(callbacks=[Curriculum(), OnlineEWC(lam=1000.0, gamma=0.9), Report()])
     """
+
+    works_sharded = True
 
     def __init__(self, lam: float = 1000.0, gamma: float = 0.9, fisher_samples: int = 64):
         if not lam > 0:
@@ -56,8 +60,9 @@ class OnlineEWC(RetentionCallback):
         params = trainable(pl_module)
         new = stage_fisher(trainer, pl_module, params, stage_index, self.fisher_samples)
         if self.fisher:
-            torch._foreach_mul_(list(self.fisher.values()), self.gamma)
-            torch._foreach_add_([self.fisher[name] for name in new], list(new.values()))
+            running = [local(self.fisher[name]) for name in new]
+            torch._foreach_mul_(running, self.gamma)
+            torch._foreach_add_(running, [local(f) for f in new.values()])
         else:
             self.fisher = new
         self.anchor = {name: p.detach().float().clone() for name, p in params.items()}
@@ -76,19 +81,12 @@ class OnlineEWC(RetentionCallback):
     ) -> None:
         if not self.fisher:
             return
-        theta = list(params.values())
-        penalty = ewc_penalty_(
-            theta,
-            [self.anchor[name] for name in params],
-            [self.fisher[name] for name in params],
-            [p.grad for p in theta],
-            self.lam * self.strength_scale,
-        )
+        penalty = ewc_pull_(params, self.anchor, self.fisher, self.lam * self.strength_scale)
         pl_module.log("retention/ewc_penalty", penalty)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"fisher": self.fisher, "anchor": self.anchor}
+        return {"fisher": gathered(self.fisher), "anchor": gathered(self.anchor)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hft_lightning.errors import ConfigError
-from hft_lightning.sharding import reshard
+from hft_lightning.sharding import reshard, shard_like
 
 
 def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -43,9 +43,11 @@ def match_names(what: str, saved: Mapping[str, Any], params: Mapping[str, nn.Par
 def on_parameters(
     what: str, saved: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]
 ) -> dict[str, torch.Tensor]:
-    """Checks state restored by name with :func:`match_names` and moves each tensor to its parameter's device.
+    """Checks state restored by name with :func:`match_names` and places each tensor as its parameter is.
 
-    Call it in ``on_train_start``, when a checkpoint's state has been loaded and the model is on its device.
+    Each tensor moves to its parameter's device and, under FSDP2, becomes the process's shard of it
+    (:func:`~hft_lightning.sharding.shard_like`). Call it in ``on_train_start``, when a checkpoint's state has been
+    loaded and the model is on its device.
     """
     match_names(what, saved, params)
-    return {name: tensor.to(params[name].device) for name, tensor in saved.items()}
+    return {name: shard_like(tensor, params[name]) for name, tensor in saved.items()}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hft_lightning.retention.parameters import on_parameters
+from hft_lightning.sharding import gathered
 
 
 class ReferenceGradients:
@@ -58,8 +59,8 @@ class ReferenceGradients:
             self.refs[key] = on_parameters(f"{what} reference gradient of {key!r}", ref, params)
 
     def state_dict(self) -> dict[str, Any]:
-        """The references and the step they were computed at (for the owning callback's checkpoint state)."""
-        return {"refs": self.refs, "step": self.step}
+        """The references (gathered under FSDP2) and the step they were computed at, for the owner's checkpoint."""
+        return {"refs": gathered(self.refs), "step": self.step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; call :meth:`restore` once the model is on its device."""

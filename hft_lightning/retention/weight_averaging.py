@@ -46,6 +46,7 @@ from hft_lightning.probe import Probe
 from hft_lightning.report import Section
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.parameters import on_parameters, trainable
+from hft_lightning.sharding import gathered
 
 LOG = "retention/weight_averaging"
 
@@ -211,7 +212,7 @@ class WeightAveraging(RetentionCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "start_index": self.start_index, "merges": self.merges}
+        return {"start": gathered(self.start), "start_index": self.start_index, "merges": self.merges}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -143,6 +143,34 @@ def test_dual_solver_against_quadprog_on_ill_conditioned_gram():
     torch.testing.assert_close(g + G.T @ v, _quadprog_projection(g, G), atol=1e-5, rtol=1e-5)
 
 
+def _project_half(rank: int, init_file: str, grads, refs, out: str) -> None:
+    """Process ``rank`` of 2: projects its half of every (flattened) tensor, the dot products summed over both."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    half = lambda tensors: [t.reshape(-1).tensor_split(2)[rank].clone() for t in tensors]  # noqa: E731
+    grads, refs = half(grads), [half(ref) for ref in refs]
+    v = gem_project_(grads, refs, backend="torch", process_group=torch.distributed.group.WORLD)
+    torch.save({"grads": grads, "v": v}, f"{out}{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3])
+def test_sharded_projection_equals_the_unsharded_one(k, tmp_path):
+    """Two gloo processes, each holding half of g and of the references (as FSDP2 shards them)."""
+    grads, refs = gem_inputs("odd", torch.float32, k=k, kind="conflict")
+    out = str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_project_half, (str(tmp_path / "init"), grads, refs, out), nprocs=2)
+    halves = [torch.load(f"{out}{rank}.pt") for rank in (0, 1)]
+    expected = [g.clone() for g in grads]
+    v = gem_project_(expected, refs, backend="torch")
+    assert (v > 0).any()  # the instance has active constraints: the projection moves g
+    for half in halves:
+        torch.testing.assert_close(half["v"], v, rtol=1e-5, atol=1e-7)
+    for i, g in enumerate(expected):
+        joined = torch.cat([halves[0]["grads"][i], halves[1]["grads"][i]])
+        torch.testing.assert_close(joined, g.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
 def test_too_many_references_are_rejected():
     refs = [[torch.ones(2)] for _ in range(MAX_REFS + 1)]
     with pytest.raises(ValueError, match=f"supports at most {MAX_REFS}"):

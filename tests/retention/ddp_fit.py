@@ -1,17 +1,21 @@
-"""Fits the tiny three-stage problem with EWC, GEM, KLAnchor and WeightAveraging and saves what each process ends with.
+"""Fits the tiny three-stage problem with the retention methods that keep tensors; saves what each process ends with.
 
-Run as a script, so that Lightning's DDP launcher can start the other processes the same way:
+The methods: EWC, OnlineEWC, GEM, AGEM, KLAnchor (left out under FSDP2, which it does not support) and
+WeightAveraging. Run as a script, so that Lightning's launcher can start the other processes the same way:
 
-    python tests/retention/ddp_fit.py OUT --devices 2 --batch-size 4   # 2 processes, gloo, CPU
-    python tests/retention/ddp_fit.py OUT --devices 1 --batch-size 8   # the same global batches on one
+    python tests/retention/ddp_fit.py OUT --devices 2 --batch-size 4           # DDP: 2 processes, gloo, CPU
+    python tests/retention/ddp_fit.py OUT --devices 2 --batch-size 4 --fsdp2   # FSDP2 (ModelParallelStrategy)
+    python tests/retention/ddp_fit.py OUT --devices 1 --batch-size 8           # the same global batches on one
 
 ``--checkpoint-every N`` also saves a checkpoint every N steps into ``OUT/ckpt``; ``--ckpt-path`` resumes from one.
+``--learning-rate`` replaces the negligible default (below).
 ``--planner affinity`` orders the stages by gradient affinity; ``--planner rank-dependent`` with a planner whose
 measurement differs on every process; ``--planner failing`` with one that raises.
 
 The learning rate is negligible, so both runs estimate Fisher and reference gradients at the same weights and
 their retention state must agree (WeightAveraging's alpha choices included; its wall-clock seconds are left out).
-Each process writes ``OUT/rank<r>.pt``.
+Each process writes ``OUT/rank<r>.pt``: the full (gathered) parameters and retention state, and the number of
+retention state elements the process itself keeps (its shards under FSDP2).
 """
 
 import argparse
@@ -20,13 +24,15 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hft_lightning import Curriculum
 from hft_lightning.errors import ConfigError
 from hft_lightning.planners import Affinity, Decision, Planner, Probe
-from hft_lightning.retention import EWC, GEM, KLAnchor, WeightAveraging
+from hft_lightning.retention import AGEM, EWC, GEM, KLAnchor, OnlineEWC, WeightAveraging
+from hft_lightning.sharding import gathered, local, reshard
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
 
@@ -58,6 +64,14 @@ PLANNERS = {
 }
 
 
+def _local_numel(state) -> int:
+    """The number of tensor elements this process keeps in ``state`` (dicts and lists walked)."""
+    if isinstance(state, torch.Tensor):
+        return local(state).numel()
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, list) else ()
+    return sum(_local_numel(value) for value in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -66,31 +80,44 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--ckpt-path")
     parser.add_argument("--planner", choices=list(PLANNERS))
+    parser.add_argument("--fsdp2", action="store_true")
+    parser.add_argument("--learning-rate", type=float, default=1e-20)
     args = parser.parse_args()
-    ewc, gem, kl = EWC(lam=10.0, fisher_samples=8), GEM(memory_size=6, batch_size=3), KLAnchor(beta=1.0)
+    ewc, online = EWC(lam=10.0, fisher_samples=8), OnlineEWC(lam=10.0, gamma=0.5, fisher_samples=4)
+    gem, agem = GEM(memory_size=6, batch_size=3), AGEM(memory_size=6, batch_size=4, ref_every=2)
+    kl = None if args.fsdp2 else KLAnchor(beta=1.0)
     averaging = WeightAveraging(alphas=(0.5, 1.0), probe_examples=4)
+    strategy = "ddp" if args.devices > 1 else "auto"
+    if args.fsdp2:
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     checkpoints = []
     if args.checkpoint_every:
         checkpoints = [ModelCheckpoint(args.out / "ckpt", every_n_train_steps=args.checkpoint_every, save_top_k=-1)]
     module, trainer = fit(
         args.out,
-        [ewc, gem, kl, averaging, *checkpoints],
+        [c for c in (ewc, online, gem, agem, kl, averaging) if c is not None] + checkpoints,
         planner=PLANNERS[args.planner]() if args.planner else None,
         data=tiny_datamodule(batch_size=args.batch_size),
-        module_overrides={"learning_rate": 1e-20},
+        module_overrides={"learning_rate": args.learning_rate},
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy=strategy,
         use_distributed_sampler=False,
         ckpt_path=args.ckpt_path,
     )
+    reshard(module)
+    kept = {"ewc": ewc.consolidated, "online_ewc": [online.fisher, online.anchor]}
+    kept |= {"gem": gem.references.refs, "agem": agem.references.refs}
     state = {
         "world_size": trainer.world_size,
         "plan": Curriculum.of(trainer).plan.to_dict()["stages"],
-        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+        "params": gathered({n: p.detach().clone() for n, p in module.named_parameters()}),
         "ewc": ewc.state_dict(),
+        "online_ewc": online.state_dict(),
         "gem": gem.state_dict(),
-        "kl": kl.state_dict(),
+        "agem": agem.state_dict(),
+        "kl": kl.state_dict() if kl else {},
         "wa": {"merges": [{k: v for k, v in m.items() if k != "seconds"} for m in averaging.merges]},
+        "local_numel": {method: _local_numel(tensors) for method, tensors in kept.items()},
     }
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
 

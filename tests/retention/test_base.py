@@ -106,9 +106,11 @@ def test_only_trainable_parameters_are_protected(tmp_path):
 
 def test_methods_that_do_not_work_sharded_are_refused_under_fsdp2():
     trainer = SimpleNamespace(strategy=ModelParallelStrategy())
-    with pytest.raises(ConfigError, match=r"EWC does not support trainer.strategy=ModelParallelStrategy \(FSDP2\)"):
-        EWC().setup(trainer, torch.nn.Module(), "fit")
-    for works_sharded in (Replay(), WeightAveraging()):
+    for refused in (KLAnchor(), ForgettingBudget()):
+        name = type(refused).__name__
+        with pytest.raises(ConfigError, match=rf"{name} does not support trainer.strategy=ModelParallelStrategy"):
+            refused.setup(trainer, torch.nn.Module(), "fit")
+    for works_sharded in (Replay(), WeightAveraging(), EWC(), OnlineEWC(), GEM(), AGEM()):
         works_sharded.setup(trainer, torch.nn.Module(), "validate")  # refused before any stage check, or not at all
 
 

@@ -1,8 +1,8 @@
-"""Under DDP (2 processes, gloo, CPU) every process ends with the same retention state as one process would.
+"""Under DDP and FSDP2 (2 processes, gloo, CPU) every process ends with the retention state one process would.
 
-Both runs train on the same global batches (2 x 4 examples, or 8 on one process) at a negligible learning rate,
-so the Fisher, the anchors, the GEM reference gradients and the KL anchor's reference are estimated at the same
-weights and must agree.
+The runs train on the same global batches (2 x 4 examples, or 8 on one process) at a negligible learning rate,
+so the Fisher, the anchors, the GEM / A-GEM reference gradients and the KL anchor's reference are estimated at the
+same weights and must agree: under FSDP2 once gathered from the shards each process keeps.
 """
 
 import json
@@ -59,20 +59,25 @@ def test_every_process_holds_the_same_state(runs):
         assert same, path
 
 
-def test_state_equals_one_process_with_the_same_global_batches(runs):
-    rank0, _, single = runs
-    assert single[".world_size"] == 1
-    compared = [path for path in rank0 if path.startswith((".ewc", ".gem", ".kl", ".wa"))]
+def _assert_same_retention_state(state, single, methods):
+    compared = [path for path in state if path.startswith(methods)]
+    assert {path.split(".")[1] for path in compared} == {method[1:] for method in methods}
     assert any(".fisher." in p for p in compared) and any(".refs." in p for p in compared)
-    assert any(p.startswith(".kl.reference.") for p in compared)
     assert any(".merges.1.alpha" in p for p in compared)
     assert any(".memory.items." in p for p in compared)
     for path in compared:
-        value, expected = rank0[path], single[path]
+        value, expected = state[path], single[path]
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-12, msg=path)
         else:
             assert value == expected, path
+
+
+def test_state_equals_one_process_with_the_same_global_batches(runs):
+    rank0, _, single = runs
+    assert single[".world_size"] == 1
+    _assert_same_retention_state(rank0, single, (".ewc", ".online_ewc", ".gem", ".agem", ".kl", ".wa"))
+    assert any(p.startswith(".kl.reference.") for p in rank0)
 
 
 def test_lightning_distributed_sampler_is_refused():
@@ -117,3 +122,52 @@ def test_a_planning_error_on_rank_zero_stops_every_process_with_its_message(tmp_
     # both processes raise rank 0's ConfigError; none is left waiting for a plan or loses its peer
     assert result.stderr.count("ConfigError: data.abilities['math'].val: the probe failed on purpose") == 2
     assert "Connection closed" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    result = _run(out, "--devices", "2", "--batch-size", "4", "--fsdp2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_fsdp2_gathered_state_equals_one_process(fsdp2_run, runs):
+    _, _, single = runs
+    rank0, rank1 = (_tensors(state) for state in fsdp2_run)
+    assert rank0.keys() == rank1.keys()
+    for path, value in rank0.items():  # every process gathers the same state
+        assert torch.equal(value, rank1[path]) if isinstance(value, torch.Tensor) else value == rank1[path], path
+    _assert_same_retention_state(rank0, single, (".ewc", ".online_ewc", ".gem", ".agem", ".wa"))
+    for name, value in fsdp2_run[0]["params"].items():
+        torch.testing.assert_close(value, single[f".params.{name}"], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_each_process_keeps_half_of_the_retention_state(fsdp2_run, runs):
+    _, _, single = runs
+    for state in fsdp2_run:
+        kept = state["local_numel"]
+        assert set(kept) == {"ewc", "online_ewc", "gem", "agem"}
+        for method, numel in kept.items():
+            assert numel > 0 and numel * 2 == single[f".local_numel.{method}"], method
+
+
+@pytest.mark.slow
+def test_fsdp2_resumed_mid_stage_equals_the_uninterrupted_run(runs, tmp_path):
+    """At a real learning rate, from the middle of the second stage: weights, optimizer and retention state restored."""
+    flags = ("--devices", "2", "--batch-size", "4", "--fsdp2", "--learning-rate", "3e-3")
+    result = _run(tmp_path / "whole", *flags, "--checkpoint-every", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [checkpoint] = (tmp_path / "whole" / "ckpt").glob("*step=6.ckpt")
+    assert checkpoint.is_dir()  # a distributed checkpoint: each process wrote its shards
+    result = _run(tmp_path / "resumed", *flags, "--ckpt-path", str(checkpoint))
+    assert result.returncode == 0, result.stderr[-3000:]
+    load = lambda run: _tensors(torch.load(tmp_path / run / "rank0.pt", weights_only=False))  # noqa: E731
+    whole, resumed = load("whole"), load("resumed")
+    assert whole.keys() == resumed.keys()
+    for path, value in whole.items():
+        assert torch.equal(value, resumed[path]) if isinstance(value, torch.Tensor) else value == resumed[path], path
+    _, _, single = runs  # at a negligible learning rate: the initial weights
+    assert any(not torch.allclose(value, single[path]) for path, value in whole.items() if path.startswith(".params."))
