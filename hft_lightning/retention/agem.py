@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from hft_kernels import gem_project_
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
@@ -28,7 +27,6 @@ from hft_lightning.retention.memory import ExampleMemory, Item
 from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
 from hft_lightning.seeds import derive_seed
-from hft_lightning.sharding import local, shard_group
 
 
 class AGEM(RetentionCallback):
@@ -72,8 +70,7 @@ class AGEM(RetentionCallback):
         if not items:
             return
         self.references.refresh(trainer.global_step, lambda: self._averaged(trainer, pl_module, params, items))
-        refs = [[local(ref) for ref in reference] for reference in self.references.ordered(params)]
-        v = gem_project_([local(p.grad) for p in params.values()], refs, process_group=shard_group(params.values()))
+        v = self.references.project_(params)
         pl_module.log("retention/agem_violated", (v > 0).sum().float())
 
     def _averaged(

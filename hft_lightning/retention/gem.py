@@ -27,14 +27,13 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hft_kernels import MAX_REFS, gem_project_
+from hft_kernels import MAX_REFS
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.gradients import loss_gradient
 from hft_lightning.retention.memory import ExampleMemory
 from hft_lightning.retention.parameters import trainable
 from hft_lightning.retention.references import ReferenceGradients
-from hft_lightning.sharding import local, shard_group
 
 
 class GEM(RetentionCallback):
@@ -81,8 +80,7 @@ class GEM(RetentionCallback):
         if not self.memory.abilities:
             return
         self.references.refresh(trainer.global_step, lambda: self._per_ability(trainer, pl_module, params))
-        refs = [[local(ref) for ref in reference] for reference in self.references.ordered(params)]
-        v = gem_project_([local(p.grad) for p in params.values()], refs, process_group=shard_group(params.values()))
+        v = self.references.project_(params)
         pl_module.log("retention/gem_violated", (v > 0).sum().float())
 
     def _per_ability(

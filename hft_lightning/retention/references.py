@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hft_kernels import gem_project_
 from hft_lightning.retention.parameters import on_parameters
-from hft_lightning.sharding import gathered
+from hft_lightning.sharding import gathered, local, shard_group
 
 
 class ReferenceGradients:
@@ -49,6 +50,15 @@ class ReferenceGradients:
         """The references as ``[k][num_params]`` tensors in ``names`` order, for :func:`hft_kernels.gem_project_`."""
         names = list(names)
         return [[ref[name] for name in names] for ref in self.refs.values()]
+
+    def project_(self, params: Mapping[str, nn.Parameter]) -> torch.Tensor:
+        """Projects the gradients of ``params`` (by name) against the references with :func:`hft_kernels.gem_project_`.
+
+        Under FSDP2 each process projects its shards, the dot products summed over the shard group. Returns v*.
+        """
+        refs = [[local(ref) for ref in reference] for reference in self.ordered(params)]
+        grads = [local(p.grad) for p in params.values()]
+        return gem_project_(grads, refs, process_group=shard_group(params.values()))
 
     def restore(self, what: str, params: Mapping[str, nn.Parameter]) -> None:
         """Checks restored references against the trainable parameters and moves them to their devices.
