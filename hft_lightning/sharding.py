@@ -20,7 +20,9 @@ rank 0 (:func:`full_state_dict`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 from hft_lightning.errors import ConfigError
 
@@ -137,14 +139,86 @@ def shard_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
 
 
-def gathered(state: Any) -> Any:
-    """``state`` (dicts and lists walked) with every ``DTensor`` replaced by its full tensor in CPU memory.
+@contextmanager
+def computing_with(
+    root: nn.Module, params: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    """Inside, the sharded ``root`` computes with ``values`` in place of ``params``, its own group gathered.
 
-    Retention callbacks return it from ``state_dict``: Lightning's ``ModelParallelStrategy`` writes callback state
-    once, from rank 0, so each sharded tensor is all-gathered (a collective: every process calls it, as Lightning
-    does when saving) and the checkpoint holds what a single process would hold. One tensor is gathered at a time.
+    For a pass without gradient between a training step's forward and its backward (a reference model's forward):
+    the process's shards of ``params`` (``DTensor`` parameters of ``root``, by name) hold those of ``values``
+    (sharded like them) until the exit, when the saved shards are copied back. Every group is resharded on entry,
+    so the pass gathers ``values`` and not what the training forward left gathered, and again on exit, so the
+    backward gathers the trained weights: FSDP2 re-gathers what was freed, as it does for each layer between forward
+    and backward. The training forward saved the gathered copies, never the shards, so autograd sees no in-place
+    change. ``root``'s own group (embeddings, final norm, output layer) stays gathered inside, so its submodules can
+    be called directly (the decoder without the output layer). A collective: every process enters it. Costs one
+    more copy of the process's shards of ``params`` for the duration.
     """
-    if isinstance(state, DTensor):
+    reshard(root)
+    with torch.no_grad():
+        saved = {name: local(param).clone() for name, param in params.items()}
+        for name, param in params.items():
+            local(param).copy_(local(values[name]))
+    try:
+        root.unshard()
+        yield
+    finally:
+        reshard(root)
+        with torch.no_grad():
+            for name, param in params.items():
+                local(param).copy_(saved[name])
+
+
+@dataclass(frozen=True)
+class CPUShard:
+    """A process's shard of a ``DTensor``, copied to CPU memory, with the layout to gather it again."""
+
+    local: torch.Tensor
+    mesh: DeviceMesh
+    placements: tuple[Placement, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def full_tensor(self) -> torch.Tensor:
+        """The full tensor in CPU memory (a collective: every process calls it with its own shard)."""
+        on_mesh = DTensor.from_local(  # moves the shard to the mesh's device
+            self.local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
+        return on_mesh.full_tensor().cpu()
+
+
+def to_cpu(tensor: torch.Tensor) -> torch.Tensor | CPUShard:
+    """A copy of ``tensor`` in CPU memory; of a ``DTensor``, the process's shard only, as a :class:`CPUShard`."""
+    if isinstance(tensor, DTensor):
+        shard = tensor.to_local().detach().to("cpu", copy=True)
+        return CPUShard(shard, tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())
+    return tensor.detach().to("cpu", copy=True)
+
+
+def copy_into(target: torch.Tensor, source: torch.Tensor | CPUShard) -> None:
+    """Writes ``source`` into ``target`` in place, without gradient.
+
+    ``source`` is what :func:`to_cpu` made of a tensor like ``target`` (a :class:`CPUShard` goes into the process's
+    shard), or the full tensor restored from a checkpoint (each process writes its chunk, :func:`shard_like`).
+    """
+    if isinstance(source, CPUShard):
+        source = source.local
+    elif isinstance(target, DTensor):
+        source = shard_like(source, target).to_local()
+    with torch.no_grad():
+        local(target).copy_(source)
+
+
+def gathered(state: Any) -> Any:
+    """``state`` (dicts and lists walked) with every ``DTensor`` and :class:`CPUShard` replaced by its full tensor.
+
+    The full tensors are in CPU memory. Retention callbacks return it from ``state_dict``: Lightning's
+    ``ModelParallelStrategy`` writes callback state once, from rank 0, so each sharded tensor is all-gathered (a
+    collective: every process calls it, as Lightning does when saving) and the checkpoint holds what a single process
+    would hold. One tensor is gathered at a time.
+    """
+    if isinstance(state, DTensor | CPUShard):
         return state.full_tensor().cpu()
     if isinstance(state, dict):
         return {key: gathered(value) for key, value in state.items()}

@@ -1,7 +1,7 @@
 """FSDP2 (``ModelParallelStrategy`` + ``fully_shard``, 2 processes, gloo, CPU) trains as DDP does, sharded.
 
 Both runs take the same per-process batches at the same learning rate, with Replay and WeightAveraging (the
-recommended recipe), so every step's averaged gradient, every merge and every score must agree.
+recommended recipe) and KLAnchor, so every step's averaged gradient, KL term, merge and score must agree.
 """
 
 import json
@@ -56,6 +56,9 @@ def test_fsdp2_trains_what_ddp_trains(runs):
         for name, value in trained.items():
             torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
         assert any(not torch.allclose(trained[n], initial[n]) for n in trained)  # training moved the weights
+    for rank in (0, 1):  # each process's KL term on its own batch, to the reference of the last stage end
+        assert runs.fsdp2[rank]["kl"] > 1e-4
+        torch.testing.assert_close(runs.fsdp2[rank]["kl"], runs.ddp[rank]["kl"], rtol=1e-4, atol=0)
     merges = runs.fsdp2[0]["merges"]
     assert merges == runs.fsdp2[1]["merges"] == runs.ddp[0]["merges"]
     assert [m["alpha"] for m in merges] and all(m["alpha"] < 1 for m in merges)  # the merges changed the weights

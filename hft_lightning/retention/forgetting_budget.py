@@ -16,7 +16,8 @@ it). When a score falls more than ``tau`` below its reference, the policy acts:
   within budget, then the retention callbacks are strengthened. Training goes on with the stage's next batches: the
   steps already taken count, so the plan's length, the learning-rate schedule and the global step are unchanged. The
   last good state is kept in CPU memory (with AdamW: the weights and two moments, 3x the trainable parameters), only
-  under this policy.
+  under this policy; under FSDP2 each process keeps its shards of it (gathered into the checkpoint, and held whole
+  by every process after a resume until the next good check replaces it).
 - ``stop``: the rest of the stage is skipped. Its remaining batches are cut to one example and their updates dropped:
   every gradient is set to ``None`` after each backward pass, so AdamW leaves the weights and its moments as they
   are and no retention callback edits anything. The stage still runs its planned number of (empty) optimizer steps,
@@ -49,13 +50,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from typing_extensions import override
 
-from hft_lightning.checks import refuse_sharded
 from hft_lightning.errors import ConfigError
 from hft_lightning.plan import Plan, markdown_cell, require_plan, single_ability
 from hft_lightning.probe import Probe
 from hft_lightning.report import Section
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.parameters import match_names, trainable
+from hft_lightning.sharding import copy_into, gathered, to_cpu
 
 POLICIES = ("warn", "strengthen", "rollback", "stop")
 """What the budget does when an ability falls out of it."""
@@ -147,7 +148,6 @@ class ForgettingBudget(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded(trainer, "ForgettingBudget")
         if stage != "fit":
             return
         require_plan(self.plan, "ForgettingBudget")
@@ -273,13 +273,16 @@ class ForgettingBudget(Callback):
     def _state(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, scores: dict[str, float]
     ) -> dict[str, Any]:
-        """The weights and the optimizer's state by parameter name, on the CPU, with the scores they probed."""
+        """The weights and the optimizer's state by parameter name, in CPU memory, with the scores they probed.
+
+        Under FSDP2 each process keeps its shards (:func:`~hft_lightning.sharding.to_cpu`).
+        """
         params = trainable(pl_module)
         optimizer = trainer.optimizers[0]
         return {
             "step": step,
             "scores": dict(scores),
-            "params": {name: p.detach().to("cpu", copy=True) for name, p in params.items()},
+            "params": {name: to_cpu(p) for name, p in params.items()},
             "optimizer": {
                 name: {key: _cpu_copy(value) for key, value in optimizer.state[p].items()}
                 for name, p in params.items()
@@ -288,25 +291,26 @@ class ForgettingBudget(Callback):
         }
 
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Puts the weights and the optimizer's per-parameter state of ``state`` back, bit for bit.
+        """Puts the weights and the optimizer's per-parameter state of ``state`` back, bit for bit, in place.
 
-        The optimizer's parameter groups (the learning rate the schedule has set for the next step) are kept.
+        The optimizer's parameter groups (the learning rate the schedule has set for the next step) are kept. A
+        parameter without optimizer state in ``state`` loses its current one, as on a resume.
         """
         params = trainable(pl_module)
         match_names("ForgettingBudget's last good weights", state["params"], params)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["params"][name])
         optimizer = trainer.optimizers[0]
-        current = optimizer.state_dict()
-        names = {id(p): name for name, p in params.items()}
-        current["state"] = {
-            number: state["optimizer"][names[id(p)]]
-            for group, saved in zip(optimizer.param_groups, current["param_groups"], strict=True)
-            for p, number in zip(group["params"], saved["params"], strict=True)
-            if names.get(id(p)) in state["optimizer"]
-        }
-        optimizer.load_state_dict(current)  # copies each tensor to its parameter's device, as on a resume
+        for name, p in params.items():
+            copy_into(p, state["params"][name])
+            saved = state["optimizer"].get(name)
+            if saved is None:
+                optimizer.state.pop(p, None)
+                continue
+            live = optimizer.state[p]
+            for key, value in saved.items():
+                if isinstance(live.get(key), torch.Tensor):
+                    copy_into(live[key], value)
+                else:
+                    live[key] = copy.deepcopy(value)
 
     def report_section(self) -> Section:
         """The ``live`` part of the report: the probe scores at every check, the events, a figure."""
@@ -377,7 +381,7 @@ class ForgettingBudget(Callback):
             "scale": self.scale,
             "stopped": self.stopped,
             "last_check": self.last_check,
-            "good": self.good,
+            "good": gathered(self.good),
             "seconds": self.seconds,
         }
 
@@ -406,4 +410,4 @@ def describe(event: dict[str, Any]) -> str:
 
 
 def _cpu_copy(value: Any) -> Any:
-    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+    return to_cpu(value) if isinstance(value, torch.Tensor) else copy.deepcopy(value)

@@ -13,11 +13,15 @@ The reference forward runs the model's decoder once, without gradient, with ``th
 by the given tensors for that call only, leaving the parameters and the autograd graph of the training forward
 untouched, and it runs under whatever autocast is active (bf16-mixed casts the fp32 snapshot as it casts the
 weights). Copying the snapshot into the parameters in place and back instead would overwrite tensors that the
-training forward saved for backward. The KL is computed in chunks of ``chunk_size`` response tokens from the
-reference's last hidden states (:func:`hft_kernels.linear_kl_div`), so no ``[tokens, vocab]`` reference tensor
-exists whole; its gradient w.r.t. the trained logits, ``p_theta - p_ref``, is the only tensor of that size it adds.
+training forward saved for backward. Under FSDP2 the snapshot is sharded like the parameters, and for the
+reference pass it is copied into the shards and back (:func:`~hft_lightning.sharding.computing_with`): the training
+forward saved the gathered weights, not the shards, and the backward gathers them again. The KL is computed in
+chunks of ``chunk_size`` response tokens from the reference's last hidden states (:func:`hft_kernels.linear_kl_div`),
+so no ``[tokens, vocab]`` reference tensor exists whole; its gradient w.r.t. the trained logits,
+``p_theta - p_ref``, is the only tensor of that size it adds.
 
-Memory: one fp32 copy of the trainable parameters (the snapshot, replaced at every stage end). Under LoRA the
+Memory: one fp32 copy of the trainable parameters (the snapshot, replaced at every stage end; under FSDP2 each
+process keeps its shards of it, plus a copy of its trainable shards during the reference pass). Under LoRA the
 trainable parameters are the adapters: the reference is the adapter snapshot, swapped into the same base model,
 whose frozen weights are shared, never copied. Cost: one forward pass without gradient per training step, plus
 the reference's output layer on the response tokens.
@@ -29,7 +33,7 @@ its logits differ from that.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +49,7 @@ from hft_lightning.errors import ConfigError
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.contracts import HasCausalLM
 from hft_lightning.retention.parameters import on_parameters, trainable
+from hft_lightning.sharding import computing_with, gathered, is_sharded
 
 
 class KLAnchor(RetentionCallback):
@@ -60,6 +65,8 @@ class KLAnchor(RetentionCallback):
 
         trainer = Trainer(callbacks=[Curriculum(), KLAnchor(beta=1.0), Report()])
     """
+
+    works_sharded = True
 
     def __init__(self, beta: float = 1.0, chunk_size: int = 512):
         if not beta >= 0:
@@ -102,46 +109,42 @@ class KLAnchor(RetentionCallback):
         if not self.reference or weight == 0:
             return None
         rows = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # [N] response positions (a host sync)
-        hidden = self.reference_hidden(inputs).flatten(0, 1).index_select(0, rows)  # [N, H]
-        head_weight, head_bias = self._split.head_parameters(self.reference)
-        summed = linear_kl_div(
-            logits.flatten(0, 1), hidden, head_weight, head_bias, rows=rows, chunk_size=self.chunk_size
-        )
+        with self._split.reference(self.reference) as (decoder, head_weight, head_bias):
+            hidden = decoder(inputs).flatten(0, 1).index_select(0, rows)  # [N, H]
+            summed = linear_kl_div(
+                logits.flatten(0, 1), hidden, head_weight, head_bias, rows=rows, chunk_size=self.chunk_size
+            )
         kl = summed / max(rows.numel(), 1)
         pl_module.log("retention/kl", kl.detach())
         return weight * kl
 
-    @torch.no_grad()
-    def reference_hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The reference decoder's last hidden states for ``inputs``, shape ``[R, L, H]`` (no gradient)."""
-        decoder = self._split.decoder
-        with _eval_mode(decoder):
-            output = torch.func.functional_call(
-                decoder, self._split.decoder_parameters(self.reference), args=(), kwargs={**inputs, "use_cache": False}
-            )
-        return output.last_hidden_state
-
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference}
+        return {"reference": gathered(self.reference)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict["reference"]
 
 
+Decoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+"""A decoder's forward pass: the inputs a causal LM takes -> last hidden states ``[R, L, H]``."""
+
+
 @dataclass
 class _Split:
     """The causal LM as decoder + output layer, and which trainable parameter (by name) each of their tensors is."""
 
+    causal_lm: nn.Module
     decoder: nn.Module
     head: nn.Linear
+    params: dict[str, nn.Parameter]  # the trainable parameters, by their name in the trained module
     decoder_names: dict[str, str]  # the decoder's own parameter name -> the trainable parameter's name
     head_names: dict[str, str]  # "weight" / "bias" -> the trainable parameter's name, where the head is trained
 
     @classmethod
     def of(cls, causal_lm: nn.Module, params: dict[str, nn.Parameter]) -> _Split:
-        """Splits ``causal_lm`` and checks that ``lm_head(decoder(x))`` are its logits.
+        """Splits ``causal_lm`` and checks that the reference built from its own weights gives its logits.
 
         Raises:
             ConfigError: If the output layer is not a ``torch.nn.Linear``, a trainable parameter is in neither
@@ -157,14 +160,15 @@ class _Split:
             found = module.named_parameters(remove_duplicate=False)
             return {own: by_id[id(p)] for own, p in found if id(p) in by_id}
 
-        split = cls(decoder, head, names(decoder), names(head))
+        split = cls(causal_lm, decoder, head, params, names(decoder), names(head))
         outside = sorted(set(params) - set(split.decoder_names.values()) - set(split.head_names.values()))
         if outside:
             raise ConfigError(f"KLAnchor: trainable parameters outside {name}'s decoder and output layer: {outside}")
         ids = torch.arange(min(4, head.out_features), device=head.weight.device)[None]
         with torch.no_grad(), _eval_mode(causal_lm):
             logits = causal_lm(input_ids=ids, use_cache=False).logits
-            rebuilt = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+            with split.reference({n: p.detach() for n, p in params.items()}) as (run_decoder, weight, bias):
+                rebuilt = nn.functional.linear(run_decoder({"input_ids": ids}), weight, bias)
         if not torch.allclose(logits, rebuilt, rtol=1e-4, atol=1e-5):
             raise ConfigError(
                 f"KLAnchor computes the reference's logits as its output layer applied to its decoder's last hidden "
@@ -172,18 +176,45 @@ class _Split:
             )
         return split
 
-    def decoder_parameters(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The reference tensors under the decoder's own names, in the dtype of the parameters they replace."""
-        own = dict(self.decoder.named_parameters(remove_duplicate=False))
-        return {n: _like(own[n], reference[full]) for n, full in self.decoder_names.items()}
+    @contextmanager
+    def reference(
+        self, snapshot: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[Decoder, torch.Tensor, torch.Tensor | None]]:
+        """The model with ``snapshot`` as its trainable weights, for the duration: decoder, output layer ``(W, b)``.
 
-    def head_parameters(self, reference: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The reference's output layer ``(weight, bias)``: the snapshot where the layer trains, else the layer's."""
+        The decoder runs without gradient, in eval mode. Unsharded, each of its calls swaps the snapshot in with
+        ``functional_call``, and the output layer is the snapshot's where it trains, the model's where it is frozen.
+        Under FSDP2 the snapshot sits in the shards for the duration (:func:`~hft_lightning.sharding.computing_with`)
+        and the output layer is the gathered one.
+        """
+        if is_sharded(self.causal_lm):
+            with computing_with(self.causal_lm, self.params, snapshot):
+                yield (lambda inputs: self._hidden(inputs, None)), self.head.weight, self.head.bias
+            return
+        decoder_parameters = self._decoder_parameters(snapshot)
+        yield (lambda inputs: self._hidden(inputs, decoder_parameters)), *self._head_parameters(snapshot)
+
+    @torch.no_grad()
+    def _hidden(self, inputs: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The decoder's last hidden states for ``inputs``, with ``parameters`` swapped in (``None``: its own)."""
+        kwargs = {**inputs, "use_cache": False}
+        with _eval_mode(self.decoder):
+            if parameters is None:
+                return self.decoder(**kwargs).last_hidden_state
+            return torch.func.functional_call(self.decoder, parameters, args=(), kwargs=kwargs).last_hidden_state
+
+    def _decoder_parameters(self, snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The snapshot's tensors under the decoder's own names, in the dtype of the parameters they replace."""
+        own = dict(self.decoder.named_parameters(remove_duplicate=False))
+        return {n: _like(own[n], snapshot[full]) for n, full in self.decoder_names.items()}
+
+    def _head_parameters(self, snapshot: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output layer ``(weight, bias)``: the snapshot's where the layer trains, else the layer's."""
         weight, bias = self.head.weight, self.head.bias
         if "weight" in self.head_names:
-            weight = _like(weight, reference[self.head_names["weight"]])
+            weight = _like(weight, snapshot[self.head_names["weight"]])
         if bias is not None and "bias" in self.head_names:
-            bias = _like(bias, reference[self.head_names["bias"]])
+            bias = _like(bias, snapshot[self.head_names["bias"]])
         return weight, bias
 
 

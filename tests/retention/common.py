@@ -1,5 +1,8 @@
 """A small staged problem for the retention tests: tiny model, built-in abilities, a quiet CPU trainer."""
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -12,6 +15,25 @@ THREE_STAGES = [
     Stage("code", 4, {"code": 1.0}),
     Stage("general", 4, {"general": 1.0}),
 ]
+
+
+class ScriptedProbe:
+    """Stands in for :class:`hft_lightning.probe.Probe`: scores from ``script(global_step, ability)``.
+
+    Installed as ``hft_lightning.retention.forgetting_budget.Probe``, so a ForgettingBudget's drops are where a test
+    puts them.
+    """
+
+    script: ClassVar[Callable[[int, str], float]]
+    calls: ClassVar[list[tuple[int, str]]] = []
+
+    def __init__(self, module, datamodule, context=None):
+        self.module = module
+
+    def score(self, ability, examples, batch_size):
+        step = self.module.trainer.global_step
+        type(self).calls.append((step, ability))
+        return type(self).script(step, ability)
 
 
 class GradientProbe(Callback):

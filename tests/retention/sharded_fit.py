@@ -1,4 +1,4 @@
-"""Fits the tiny three-stage problem with Replay and WeightAveraging under DDP or FSDP2 and saves what it ends with.
+"""Fits the tiny three-stage problem with Replay, KLAnchor and WeightAveraging under DDP or FSDP2; saves the end.
 
 Run as a script, so that Lightning's launcher can start the other processes the same way:
 
@@ -7,8 +7,9 @@ Run as a script, so that Lightning's launcher can start the other processes the 
 
 Both train on the same per-process batches at the same learning rate, so FSDP2 must end where DDP ends.
 ``--lora PRETRAINED`` trains LoRA adapters on the saved model instead, with EWC in place of Replay. Each
-process writes ``OUT/rank<r>.pt``: its full parameters (gathered), the number of parameter elements it keeps, and
-WeightAveraging's choices; the run's report and exported model are in ``OUT/report`` and ``OUT/model``.
+process writes ``OUT/rank<r>.pt``: its full parameters (gathered), the number of parameter elements it keeps,
+WeightAveraging's choices and the KL term of its last step; the run's report and exported model are in
+``OUT/report`` and ``OUT/model``.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hft_lightning.lora import LoRA
-from hft_lightning.retention import EWC, Replay, WeightAveraging
+from hft_lightning.retention import EWC, KLAnchor, Replay, WeightAveraging
 from hft_lightning.sharding import gathered, reshard
 from tests.helpers import tiny_datamodule
 from tests.retention.common import fit
@@ -51,7 +52,7 @@ def main() -> None:
         data = tiny_datamodule(batch_size=4, tokenizer_name_or_path=str(args.lora))
     module, trainer = fit(
         args.out,
-        [retention, averaging],
+        [retention, KLAnchor(beta=1.0), averaging],
         data=data,
         module_overrides=model,
         devices=2,
@@ -66,6 +67,7 @@ def main() -> None:
         "numel": sum(p.numel() for p in params.values()),
         "merges": [{k: v for k, v in m.items() if k != "seconds"} for m in averaging.merges],
         "retention": retention.state_dict(),
+        "kl": trainer.callback_metrics["retention/kl"],
         "trainable": sorted(n for n, p in params.items() if p.requires_grad),
     }
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")

@@ -139,7 +139,7 @@ def test_fsdp2_gathered_state_equals_one_process(fsdp2_run, runs):
     assert rank0.keys() == rank1.keys()
     for path, value in rank0.items():  # every process gathers the same state
         assert torch.equal(value, rank1[path]) if isinstance(value, torch.Tensor) else value == rank1[path], path
-    _assert_same_retention_state(rank0, single, (".ewc", ".online_ewc", ".gem", ".agem", ".wa"))
+    _assert_same_retention_state(rank0, single, (".ewc", ".online_ewc", ".gem", ".agem", ".kl", ".wa"))
     for name, value in fsdp2_run[0]["params"].items():
         torch.testing.assert_close(value, single[f".params.{name}"], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -149,25 +149,35 @@ def test_fsdp2_each_process_keeps_half_of_the_retention_state(fsdp2_run, runs):
     _, _, single = runs
     for state in fsdp2_run:
         kept = state["local_numel"]
-        assert set(kept) == {"ewc", "online_ewc", "gem", "agem"}
+        assert set(kept) == {"ewc", "online_ewc", "gem", "agem", "kl"}
         for method, numel in kept.items():
             assert numel > 0 and numel * 2 == single[f".local_numel.{method}"], method
 
 
 @pytest.mark.slow
 def test_fsdp2_resumed_mid_stage_equals_the_uninterrupted_run(runs, tmp_path):
-    """At a real learning rate, from the middle of the second stage: weights, optimizer and retention state restored."""
-    flags = ("--devices", "2", "--batch-size", "4", "--fsdp2", "--learning-rate", "3e-3")
+    """At a real learning rate, from the middle of the second stage: weights, optimizer and retention state restored.
+
+    A ForgettingBudget rolls back at step 7 to step 6: in memory, from each process's shards, in the whole run; from
+    the gathered checkpoint of step 6 in the resumed one.
+    """
+    flags = ("--devices", "2", "--batch-size", "4", "--fsdp2", "--learning-rate", "3e-3", "--budget")
     result = _run(tmp_path / "whole", *flags, "--checkpoint-every", "6")
     assert result.returncode == 0, result.stderr[-3000:]
     [checkpoint] = (tmp_path / "whole" / "ckpt").glob("*step=6.ckpt")
     assert checkpoint.is_dir()  # a distributed checkpoint: each process wrote its shards
     result = _run(tmp_path / "resumed", *flags, "--ckpt-path", str(checkpoint))
     assert result.returncode == 0, result.stderr[-3000:]
-    load = lambda run: _tensors(torch.load(tmp_path / run / "rank0.pt", weights_only=False))  # noqa: E731
-    whole, resumed = load("whole"), load("resumed")
-    assert whole.keys() == resumed.keys()
-    for path, value in whole.items():
-        assert torch.equal(value, resumed[path]) if isinstance(value, torch.Tensor) else value == resumed[path], path
+    runs_state = {run: torch.load(tmp_path / run / "rank0.pt", weights_only=False) for run in ("whole", "resumed")}
+    [event] = runs_state["whole"]["budget"]["events"]
+    assert (event["step"], event["restored_step"]) == (7, 6)
+    rolled_back, restored = (_tensors(runs_state["whole"]["snapshots"][step]) for step in (7, 6))
+    assert rolled_back.keys() == restored.keys() and any(".exp_avg" in path for path in restored)
+    for path, value in rolled_back.items():  # weights and AdamW's moments and step: those of step 6, bit for bit
+        assert torch.equal(value, restored[path]), path
+    whole, resumed = (_tensors(state) for state in runs_state.values())
+    assert set(whole) - set(resumed) == {path for path in whole if path.startswith(".snapshots.6.")}
+    for path, value in resumed.items():
+        assert torch.equal(value, whole[path]) if isinstance(value, torch.Tensor) else value == whole[path], path
     _, _, single = runs  # at a negligible learning rate: the initial weights
     assert any(not torch.allclose(value, single[path]) for path, value in whole.items() if path.startswith(".params."))

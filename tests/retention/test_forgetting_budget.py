@@ -5,7 +5,6 @@ where the test puts it; one test makes a real drop on two file abilities with th
 """
 
 import json
-from typing import ClassVar
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from hft_lightning import Stage
 from hft_lightning.errors import ConfigError
 from hft_lightning.retention import EWC, ForgettingBudget, Replay, forgetting_budget
-from tests.retention.common import fit
+from tests.retention.common import ScriptedProbe, fit
 
 DROP = 6
 """The step (in the second stage, code) at which math falls in the scripted scores."""
@@ -27,26 +26,11 @@ def scripted(step: int, ability: str) -> float:
     return step / 100
 
 
-class ScriptedProbe:
-    """Stands in for :class:`hft_lightning.probe.Probe`: scores from ``script(global_step, ability)``."""
-
-    script = staticmethod(scripted)
-    calls: ClassVar[list[tuple[int, str]]] = []
-
-    def __init__(self, module, datamodule, context=None):
-        self.module = module
-
-    def score(self, ability, examples, batch_size):
-        step = self.module.trainer.global_step
-        type(self).calls.append((step, ability))
-        return type(self).script(step, ability)
-
-
 @pytest.fixture
 def probe(monkeypatch):
     monkeypatch.setattr(forgetting_budget, "Probe", ScriptedProbe)
     monkeypatch.setattr(ScriptedProbe, "calls", [])
-    monkeypatch.setattr(ScriptedProbe, "script", staticmethod(scripted))
+    monkeypatch.setattr(ScriptedProbe, "script", staticmethod(scripted), raising=False)
     return ScriptedProbe
 
 
