@@ -11,11 +11,14 @@ script also measures the memory each method keeps between steps (the tensors of 
 of the trainable parameter bytes.
 Results are printed and appended to ``benchmarks/results/retention_overhead.jsonl`` with the device name.
 ``--hidden-size``/``--num-layers`` widen the model (``wide_module``; hidden 1024 x 8 layers is about 1e8 parameters)
-and ``--precision`` sets the trainer's precision (e.g. ``bf16-mixed`` on a GPU).
+and ``--precision`` sets the trainer's precision (e.g. ``bf16-mixed`` on a GPU). ``--strategy ddp`` or ``fsdp2``
+trains on ``--devices`` processes (CPU: gloo), each method's ratio taken against SFT under the same strategy; the
+global batch stays the same, each process taking its share, and rank 0's step times are reported.
 
     python benchmarks/bench_retention_overhead.py                 # every method, 30 timed steps, 3 rounds
     python benchmarks/bench_retention_overhead.py --methods ewc --steps 5 --rounds 1
     python benchmarks/bench_retention_overhead.py --hidden-size 1024 --num-layers 8 --precision bf16-mixed
+    python benchmarks/bench_retention_overhead.py --strategy fsdp2 --devices 2   # FSDP2, 2 processes
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,6 +57,11 @@ METHODS: dict[str, Callable[[], list[Callback]]] = {
     "replay+ewc": lambda: [Replay(), EWC()],
     "kl_anchor": lambda: [KLAnchor()],
     "replay+kl_anchor": lambda: [Replay(), KLAnchor()],
+}
+STRATEGIES: dict[str, Callable[[int], Strategy | str]] = {
+    "single": lambda devices: "auto",
+    "ddp": lambda devices: "ddp",
+    "fsdp2": lambda devices: ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
 }
 
 
@@ -117,22 +126,27 @@ def measure(name: str, data: StagedDataModule, args: argparse.Namespace) -> dict
     methods = METHODS[name]()
     timer = StepTimer()
     stages = [Stage("warmup", 5, {a: 1.0 for a in data.ability_names}), Stage("timed", args.steps + 2, {"math": 1.0})]
+    devices = 1 if args.strategy == "single" else args.devices
     trainer = L.Trainer(
-        accelerator=args.device, devices=1, precision=args.precision, max_epochs=2, logger=False,
+        accelerator=args.device, devices=devices, strategy=STRATEGIES[args.strategy](devices),
+        use_distributed_sampler=False, precision=args.precision, max_epochs=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=1,
         default_root_dir=f"/tmp/bench_retention/{name}", callbacks=[timer, Curriculum(stages), *methods],
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
-    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    state = sum(state_bytes(m.state_dict()) for m in methods)  # gathered under FSDP2: a collective
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     return {
         "method": name,
         "device": timer.device,
+        "strategy": args.strategy,
+        "processes": devices,
         "date": datetime.date.today().isoformat(),
-        "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in trainable.values()),
         "precision": args.precision,
         "step_ms": 1000 * statistics.fmean(timer.seconds[2:]),
-        "state_bytes_over_params": sum(state_bytes(m.state_dict()) for m in methods) / trainable,
+        "state_bytes_over_params": state / sum(p.numel() * p.element_size() for p in trainable.values()),
     }
 
 
@@ -145,6 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hidden-size", type=int, help="widen the model (default: the embedded default model)")
     parser.add_argument("--num-layers", type=int, default=4, help="layers of the widened model")
     parser.add_argument("--precision", default="32-true", help="the trainer's precision, e.g. bf16-mixed")
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default="single", help="one process, DDP or FSDP2")
+    parser.add_argument("--devices", type=int, default=2, help="processes under --strategy ddp or fsdp2")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -157,7 +173,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for row in measured:
             row["ratio_vs_sft"] = row["step_ms"] / measured[0]["step_ms"]
         rows += measured
-    print(f"{'method':18s} {'ms/step':>8s} {'x sft':>6s} {'range':>11s} {'state/params':>12s}   ({rows[0]['device']})")
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return rows
+    where = f"{rows[0]['device']}, {args.strategy} x {rows[0]['processes']}"
+    print(f"{'method':18s} {'ms/step':>8s} {'x sft':>6s} {'range':>11s} {'state/params':>12s}   ({where})")
     for name in methods:
         mine = [row for row in rows if row["method"] == name]
         ratios = [row["ratio_vs_sft"] for row in mine]
