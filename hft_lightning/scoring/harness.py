@@ -33,6 +33,7 @@ from torch import nn
 from hft_lightning.errors import ConfigError
 
 if TYPE_CHECKING:
+    from lm_eval.api.group import Group
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerBase
@@ -45,17 +46,20 @@ class LMEvalTask:
     """An lm-evaluation-harness task whose primary metric is an ability's score.
 
     Attributes:
-        task: The harness's task name (``gsm8k``, ``arc_easy``, ... ; ``lm-eval ls tasks`` lists them), or a task
-            defined by a YAML file under ``include_path``. A single task: groups such as ``mmlu`` are not supported.
+        task: The harness's task name (``gsm8k``, ``arc_easy``, ... ; ``lm-eval ls tasks`` lists them), a group
+            with an aggregate score (``mmlu``: the mean of its tasks, weighted as the group's YAML says; lm-eval
+            0.4.12 or later), or a task or group defined by a YAML file under ``include_path``. A tag, which has no
+            aggregate score, is refused.
         include_path: A folder of the user's own task YAML files (the harness's ``--include_path``), relative to
             the working directory. A task whose ``dataset_path: json`` names local files runs offline.
-        limit: Evaluate the first ``limit`` documents of the task's evaluation split (``None``: all of them).
+        limit: Evaluate the first ``limit`` documents of the task's evaluation split, of each task of a group
+            (``None``: all of them).
         num_fewshot: Few-shot examples per prompt (``None``: the task's own default).
         apply_chat_template: Render each prompt through the tokenizer's chat template, as every training example
             is (the harness's ``--apply_chat_template``).
         metric: The metric that becomes the ability's score, ``name`` or ``name,filter`` as the harness reports it
             (``exact_match,strict-match``); higher must be better. ``None``: the task's first metric under its
-            first filter.
+            first filter; a group's first aggregate metric.
         batch_size: Requests per forward pass.
     """
 
@@ -69,7 +73,7 @@ class LMEvalTask:
 
 
 class HarnessEvaluator:
-    """Scores a model on one loaded harness task: the value of its metric, as ``simple_evaluate`` reports it.
+    """Scores a model on one loaded harness task or group: its metric's value, as ``simple_evaluate`` reports it.
 
     Built by :func:`load_harness_task`. Calling it leaves the model's training mode and the global random states
     (``random``, numpy, torch) as it found them: ``simple_evaluate`` seeds all three, and training after an
@@ -77,12 +81,12 @@ class HarnessEvaluator:
 
     Args:
         spec: The task as configured.
-        task: The harness task, data loaded.
-        metric: The key of its score in the task's results (``exact_match,strict-match``).
+        task: The harness task or group, data loaded.
+        metric: The key of its score in the task's or group's results (``exact_match,strict-match``).
         manager: The harness task index ``task`` was loaded from.
     """
 
-    def __init__(self, spec: LMEvalTask, task: Task, metric: str, manager: TaskManager):
+    def __init__(self, spec: LMEvalTask, task: Task | Group, metric: str, manager: TaskManager):
         self.spec = spec
         self.task = task
         self.metric = metric
@@ -117,8 +121,8 @@ def load_harness_task(spec: LMEvalTask, field: str) -> HarnessEvaluator:
 
     Raises:
         ConfigError: Naming the field, if lm-eval is not installed, a number is out of range, the task is unknown
-            (with close matches from the harness's index) or a group, its data cannot be loaded, or the metric is
-            not one the task reports or is not higher-is-better.
+            (with close matches from the harness's index), a tag or a group without an aggregate score, its data
+            cannot be loaded, or the metric is not one the task reports or is not higher-is-better.
     """
     try:
         import lm_eval  # noqa: F401  (only to tell a missing install apart)
@@ -134,29 +138,43 @@ def load_harness_task(spec: LMEvalTask, field: str) -> HarnessEvaluator:
         if not include_path.is_dir():
             raise ConfigError(f"{field}.include_path: {spec.include_path} is not a folder")
     manager = _find_task(spec.task, None if include_path is None else str(include_path), field)
+    group = spec.task in manager.all_groups
     try:
-        task = manager.load_task_or_group(spec.task)[spec.task]  # the loader of every lm-eval since 0.4.5
+        if group:
+            task = manager.load(spec.task)["groups"][spec.task]
+        else:
+            task = manager.load_task_or_group(spec.task)[spec.task]  # the loader of every lm-eval since 0.4.5
     except Exception as error:  # the datasets library raises many types for data it cannot find or read
         offline = " (HF_DATASETS_OFFLINE is set: its data must be local or cached)" if _offline() else ""
         raise ConfigError(f"{field}.task: cannot load the data of task {spec.task!r}{offline}: {error}") from None
-    return HarnessEvaluator(spec, task, _metric_key(spec.metric, task, f"{field}.metric"), manager)
+    metric_key = _group_metric_key if group else _metric_key
+    return HarnessEvaluator(spec, task, metric_key(spec.metric, task, f"{field}.metric"), manager)
 
 
 def _find_task(name: str, include_path: str | None, field: str) -> TaskManager:
-    """The task index holding the single task ``name``: the ``include_path`` one alone if it has it."""
+    """The task index holding the task or group ``name``: the ``include_path`` one alone if it has it."""
     if include_path is not None:
         local = _task_manager(include_path, include_defaults=False)
-        if name in local.all_subtasks:
-            return local
+        if name in local.all_subtasks or name in local.all_groups:
+            return _with_groups(local, name, field)
     manager = _task_manager(include_path, include_defaults=True)
-    if name in manager.all_subtasks:
-        return manager
+    if name in manager.all_subtasks or name in manager.all_groups:
+        return _with_groups(manager, name, field)
     if name in manager.all_tasks:
-        raise ConfigError(f"{field}.task: {name!r} is a group or tag of tasks; name a single task")
+        raise ConfigError(
+            f"{field}.task: {name!r} is a tag of tasks, which has no aggregate score; name a task or a group"
+        )
     close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
     where = "lm-eval's tasks" + (f" and {include_path}" if include_path else "")
     raise ConfigError(f"{field}.task: unknown task {name!r} in {where}{hint}")
+
+
+def _with_groups(manager: TaskManager, name: str, field: str) -> TaskManager:
+    """``manager``, checked to load ``name`` if it is a group: the loader of groups came with lm-eval 0.4.12."""
+    if name in manager.all_groups and not hasattr(manager, "load"):
+        raise ConfigError(f"{field}.task: {name!r} is a group of tasks, which needs lm-eval 0.4.12 or later")
+    return manager
 
 
 @functools.cache
@@ -179,6 +197,30 @@ def _metric_key(metric: str | None, task: Task, field: str) -> str:
         if key not in keys:
             raise ConfigError(f"{field}: task {task.config.task!r} reports no {metric!r}; it reports {', '.join(keys)}")
     if not higher_is_better[key.split(",")[0]]:
+        raise ConfigError(f"{field}: {key!r} is lower-is-better; an ability's score must be higher-is-better")
+    return key
+
+
+def _group_metric_key(metric: str | None, group: Group, field: str) -> str:
+    """The results key (``metric,filter``) of ``metric`` among the group's aggregates, or of its first aggregate."""
+    tasks = group.get_all_tasks()
+    if not group.has_aggregation:
+        names = ", ".join(task.task_name for task in tasks)
+        raise ConfigError(
+            f"{field}: group {group.name!r} reports no aggregate score (its YAML has no aggregate_metric_list); "
+            f"name one of its tasks: {names}"
+        )
+    higher_is_better = {name: better for task in tasks for name, better in task.higher_is_better().items()}
+    filters = {f["name"] for task in tasks for f in task.config.filter_list or []} or {"none"}
+    keys = [
+        f"{aggregate.metric},{name}"
+        for aggregate in group.aggregate_metric_list
+        for name in (aggregate.filter_list or sorted(filters))
+    ]
+    key = keys[0] if metric is None else metric if "," in metric else f"{metric},{keys[0].split(',')[1]}"
+    if key not in keys:
+        raise ConfigError(f"{field}: group {group.name!r} reports no {metric!r}; it reports {', '.join(keys)}")
+    if not higher_is_better.get(key.split(",")[0], True):
         raise ConfigError(f"{field}: {key!r} is lower-is-better; an ability's score must be higher-is-better")
     return key
 

@@ -47,15 +47,29 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+GROUP = """group: {name}
+task: [sums, doubles]
+"""
+
+
 @pytest.fixture(scope="session")
 def tasks(tmp_path_factory):
-    """A folder of two local multiple-choice tasks: ``sums`` (20 documents) and ``lost`` (its data file is missing)."""
+    """A folder of local multiple-choice tasks and groups of them.
+
+    Tasks: ``sums`` (20 documents), ``doubles`` (5) and ``lost`` (its data file is missing). Groups of ``sums`` and
+    ``doubles``: ``arithmetic`` (accuracy averaged over their documents) and ``unscored`` (no aggregate).
+    """
     root = tmp_path_factory.mktemp("lm_eval_tasks")
     docs = [{"question": f"What is {a} + {b}?", "answer": str(a + b), "choices": CHOICES} for a in (1, 2, 3, 4, 5)
             for b in (1, 2, 3, 4)]  # fmt: skip
     write_jsonl(root / "sums.jsonl", docs)
-    (root / "sums.yaml").write_text(TASK.format(name="sums", data=root / "sums.jsonl", choices=CHOICES))
+    write_jsonl(root / "doubles.jsonl", [{**doc, "question": f"Twice {doc['question']}"} for doc in docs[::4]])
+    for name in ("sums", "doubles"):
+        (root / f"{name}.yaml").write_text(TASK.format(name=name, data=root / f"{name}.jsonl", choices=CHOICES))
     (root / "lost.yaml").write_text(TASK.format(name="lost", data=root / "missing.jsonl", choices=CHOICES))
+    aggregate = "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n"
+    (root / "arithmetic.yaml").write_text(GROUP.format(name="arithmetic") + aggregate)
+    (root / "unscored.yaml").write_text(GROUP.format(name="unscored"))
     return root
 
 
@@ -63,8 +77,8 @@ def harness(tasks, task="sums", **fields) -> AbilitySource:
     return AbilitySource("sums", lm_eval=LMEvalTask(task, include_path=str(tasks), **fields))
 
 
-def simple_evaluate(tasks, model, tokenizer, **options) -> dict:
-    """What lm-eval itself reports for ``model`` on the ``sums`` task, the task loaded afresh by its name."""
+def simple_evaluate(tasks, model, tokenizer, task="sums", **options) -> dict:
+    """What lm-eval itself reports for ``model`` on ``task``, loaded afresh by its name."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -72,7 +86,7 @@ def simple_evaluate(tasks, model, tokenizer, **options) -> dict:
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16)
     options = {"num_fewshot": None, "apply_chat_template": True, **options}
-    return simple_evaluate(lm, tasks=["sums"], task_manager=manager, log_samples=False, **options)["results"]["sums"]
+    return simple_evaluate(lm, tasks=[task], task_manager=manager, log_samples=False, **options)["results"][task]
 
 
 def test_an_evaluated_only_ability_has_no_data_and_is_scored_by_its_task(tasks):
@@ -94,6 +108,19 @@ def test_the_matrix_holds_what_simple_evaluate_reports_before_and_after_training
     expected = [simple_evaluate(tasks, m, data.tokenizer, limit=12)["acc,none"] for m in (before, module.model)]
     assert report.accuracy_matrix.matrix[:, 1].tolist() == pytest.approx(expected, abs=1e-6)
     assert trainer.callback_metrics["val/sums/score"].item() == pytest.approx(expected[1], abs=1e-6)
+
+
+def test_a_group_is_scored_by_its_aggregate_as_simple_evaluate_reports_it(tasks, tmp_path):
+    data = tiny_datamodule(abilities=["builtin:math", harness(tasks, task="arithmetic", limit=8)])
+    module = tiny_module(data)
+    before = copy.deepcopy(module.model)
+    report = Report()
+    trainer = make_trainer(tmp_path, [Curriculum([Stage("math", 3, {"math": 1.0})]), report])
+    trainer.fit(module, datamodule=data)
+    expected = [simple_evaluate(tasks, m, data.tokenizer, task="arithmetic", limit=8) for m in (before, module.model)]
+    assert [e["sample_len"] for e in expected] == [13, 13]  # 8 sums and the 5 doubles
+    scores = [e["acc,none"] for e in expected]
+    assert report.accuracy_matrix.matrix[:, 1].tolist() == pytest.approx(scores, abs=1e-6)
 
 
 def test_a_task_paired_with_training_files_scores_an_ability_they_train(tasks, tmp_path):
@@ -163,6 +190,15 @@ def test_a_source_needs_data_or_a_task_and_one_scorer(tasks, fields, message):
         ({"limit": 0}, r"\['sums'\]\.lm_eval\.limit must be >= 1, got 0"),
         ({"task": "lost"}, r"\['sums'\]\.lm_eval\.task: cannot load the data of task 'lost' \(HF_DATASETS_OFFLINE is"),
         ({"include_path": "/nonexistent"}, r"\['sums'\]\.lm_eval\.include_path: /nonexistent is not a folder"),
+        (
+            {"task": "unscored"},
+            r"\.lm_eval\.metric: group 'unscored' reports no aggregate score \(its YAML has no aggregate_metric_list"
+            r"\); name one of its tasks: sums, doubles$",
+        ),
+        (
+            {"task": "arithmetic", "metric": "brier_score"},
+            r"\.lm_eval\.metric: group 'arithmetic' reports no 'brier_score'; it reports acc,none$",
+        ),
     ],
 )
 def test_bad_task_fields_are_named_before_training(tasks, fields, message):
@@ -175,7 +211,7 @@ def test_bad_task_fields_are_named_before_training(tasks, fields, message):
     ("task", "message"),
     [
         ("gsm8kk", r"\.lm_eval\.task: unknown task 'gsm8kk' in lm-eval's tasks and .*; close matches: gsm8k"),
-        ("mmlu", r"\.lm_eval\.task: 'mmlu' is a group or tag of tasks; name a single task"),
+        ("ai2_arc", r"\.lm_eval\.task: 'ai2_arc' is a tag of tasks, which has no aggregate score; name a task or"),
     ],
 )
 def test_an_unknown_task_lists_close_matches_from_the_harness_index(tasks, task, message):
