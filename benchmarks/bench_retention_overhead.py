@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import append_rows, device_name
 from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
-from hft_lightning.retention import AGEM, EWC, GEM, KLAnchor, OnlineEWC, Replay
+from hft_lightning.retention import AGEM, EWC, GEM, ForgettingBudget, KLAnchor, OnlineEWC, Replay, WeightAveraging
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retention_overhead.jsonl"
 METHODS: dict[str, Callable[[], list[Callback]]] = {
@@ -57,6 +57,8 @@ METHODS: dict[str, Callable[[], list[Callback]]] = {
     "replay+ewc": lambda: [Replay(), EWC()],
     "kl_anchor": lambda: [KLAnchor()],
     "replay+kl_anchor": lambda: [Replay(), KLAnchor()],
+    "weight_averaging": lambda: [WeightAveraging()],
+    "replay+budget_rollback": lambda: [Replay(), ForgettingBudget(policy="rollback")],
 }
 STRATEGIES: dict[str, Callable[[int], Strategy | str]] = {
     "single": lambda devices: "auto",

@@ -218,6 +218,7 @@ class ForgettingBudget(Callback):
         if fallen:
             scores = self._act(trainer, pl_module, index, step, fallen, scores)
         elif self.policy == "rollback":
+            self.good = None  # freed before the copy is taken: one copy in memory at a time, not two
             self.good = self._state(trainer, pl_module, step, scores)
         self._update_bests(step, scores)
         pl_module.log("budget/strength_scale", self.scale)
