@@ -127,7 +127,7 @@ class KLAnchor(RetentionCallback):
         self.reference = state_dict["reference"]
 
 
-Decoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+_Decoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """A decoder's forward pass: the inputs a causal LM takes -> last hidden states ``[R, L, H]``."""
 
 
@@ -179,7 +179,7 @@ class _Split:
     @contextmanager
     def reference(
         self, snapshot: dict[str, torch.Tensor]
-    ) -> Iterator[tuple[Decoder, torch.Tensor, torch.Tensor | None]]:
+    ) -> Iterator[tuple[_Decoder, torch.Tensor, torch.Tensor | None]]:
         """The model with ``snapshot`` as its trainable weights, for the duration: decoder, output layer ``(W, b)``.
 
         The decoder runs without gradient, in eval mode. Unsharded, each of its calls swaps the snapshot in with
