@@ -42,7 +42,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import append_rows, device_name
 from hft_lightning import Curriculum, HFTModule, Stage, StagedDataModule
-from hft_lightning.retention import AGEM, EWC, GEM, ForgettingBudget, KLAnchor, OnlineEWC, Replay, WeightAveraging
+from hft_lightning.retention import (
+    AGEM,
+    EWC,
+    GEM,
+    ForgettingBudget,
+    KLAnchor,
+    OnlineEWC,
+    Replay,
+    WeightAveraging,
+    trainable,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retention_overhead.jsonl"
 METHODS: dict[str, Callable[[], list[Callback]]] = {
@@ -138,17 +148,17 @@ def measure(name: str, data: StagedDataModule, args: argparse.Namespace) -> dict
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     state = sum(state_bytes(m.state_dict()) for m in methods)  # gathered under FSDP2: a collective
-    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    params = trainable(module)  # resharded first: the gathered parameters may be in another dtype
     return {
         "method": name,
         "device": timer.device,
         "strategy": args.strategy,
         "processes": devices,
         "date": datetime.date.today().isoformat(),
-        "params": sum(p.numel() for p in trainable.values()),
+        "params": sum(p.numel() for p in params.values()),
         "precision": args.precision,
         "step_ms": 1000 * statistics.fmean(timer.seconds[2:]),
-        "state_bytes_over_params": state / sum(p.numel() * p.element_size() for p in trainable.values()),
+        "state_bytes_over_params": state / sum(p.numel() * p.element_size() for p in params.values()),
     }
 
 

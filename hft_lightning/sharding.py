@@ -158,9 +158,10 @@ def computing_with(
     reshard(root)
     with torch.no_grad():
         saved = {name: local(param).clone() for name, param in params.items()}
-        for name, param in params.items():
-            local(param).copy_(local(values[name]))
     try:
+        with torch.no_grad():
+            for name, param in params.items():
+                local(param).copy_(local(values[name]))
         root.unshard()
         yield
     finally:

@@ -56,7 +56,7 @@ from hft_lightning.probe import Probe
 from hft_lightning.report import Section
 from hft_lightning.retention.base import RetentionCallback
 from hft_lightning.retention.parameters import match_names, trainable
-from hft_lightning.sharding import copy_into, gathered, to_cpu
+from hft_lightning.sharding import CPUShard, copy_into, gathered, to_cpu
 
 POLICIES = ("warn", "strengthen", "rollback", "stop")
 """What the budget does when an ability falls out of it."""
@@ -296,6 +296,10 @@ class ForgettingBudget(Callback):
 
         The optimizer's parameter groups (the learning rate the schedule has set for the next step) are kept. A
         parameter without optimizer state in ``state`` loses its current one, as on a resume.
+
+        Raises:
+            RuntimeError: If the optimizer no longer holds a tensor it held at the good check (no torch optimizer
+                drops one: a parameter's state only grows).
         """
         params = trainable(pl_module)
         match_names("ForgettingBudget's last good weights", state["params"], params)
@@ -303,13 +307,20 @@ class ForgettingBudget(Callback):
         for name, p in params.items():
             copy_into(p, state["params"][name])
             saved = state["optimizer"].get(name)
-            if saved is None:
+            if not saved:
                 optimizer.state.pop(p, None)
                 continue
             live = optimizer.state[p]
+            for key in set(live) - set(saved):
+                del live[key]
             for key, value in saved.items():
                 if isinstance(live.get(key), torch.Tensor):
                     copy_into(live[key], value)
+                elif isinstance(value, torch.Tensor | CPUShard):
+                    raise RuntimeError(
+                        f"ForgettingBudget: the optimizer no longer holds {key!r} of {name}, so the good check's "
+                        "state cannot be restored in place"
+                    )
                 else:
                     live[key] = copy.deepcopy(value)
 

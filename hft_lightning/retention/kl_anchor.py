@@ -141,6 +141,7 @@ class _Split:
     params: dict[str, nn.Parameter]  # the trainable parameters, by their name in the trained module
     decoder_names: dict[str, str]  # the decoder's own parameter name -> the trainable parameter's name
     head_names: dict[str, str]  # "weight" / "bias" -> the trainable parameter's name, where the head is trained
+    sharded: bool  # FSDP2 (ModelParallelStrategy) has sharded the causal LM
 
     @classmethod
     def of(cls, causal_lm: nn.Module, params: dict[str, nn.Parameter]) -> _Split:
@@ -160,7 +161,7 @@ class _Split:
             found = module.named_parameters(remove_duplicate=False)
             return {own: by_id[id(p)] for own, p in found if id(p) in by_id}
 
-        split = cls(causal_lm, decoder, head, params, names(decoder), names(head))
+        split = cls(causal_lm, decoder, head, params, names(decoder), names(head), is_sharded(causal_lm))
         outside = sorted(set(params) - set(split.decoder_names.values()) - set(split.head_names.values()))
         if outside:
             raise ConfigError(f"KLAnchor: trainable parameters outside {name}'s decoder and output layer: {outside}")
@@ -187,7 +188,7 @@ class _Split:
         Under FSDP2 the snapshot sits in the shards for the duration (:func:`~hft_lightning.sharding.computing_with`)
         and the output layer is the gathered one.
         """
-        if is_sharded(self.causal_lm):
+        if self.sharded:
             with computing_with(self.causal_lm, self.params, snapshot):
                 yield (lambda inputs: self._hidden(inputs, None)), self.head.weight, self.head.bias
             return

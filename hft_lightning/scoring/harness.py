@@ -140,8 +140,8 @@ def load_harness_task(spec: LMEvalTask, field: str) -> HarnessEvaluator:
     manager = _find_task(spec.task, None if include_path is None else str(include_path), field)
     group = spec.task in manager.all_groups
     try:
-        if group:
-            task = manager.load(spec.task)["groups"][spec.task]
+        if hasattr(manager, "load"):  # lm-eval 0.4.12 and later
+            task = manager.load(spec.task)["groups" if group else "tasks"][spec.task]
         else:
             task = manager.load_task_or_group(spec.task)[spec.task]  # the loader of every lm-eval since 0.4.5
     except Exception as error:  # the datasets library raises many types for data it cannot find or read
@@ -188,7 +188,7 @@ def _task_manager(include_path: str | None, include_defaults: bool) -> TaskManag
 def _metric_key(metric: str | None, task: Task, field: str) -> str:
     """The results key (``metric,filter``) of ``metric``, or of the task's first metric under its first filter."""
     higher_is_better = task.higher_is_better()
-    filters = [f["name"] for f in task.config.filter_list or []] or ["none"]
+    filters = _filter_names(task)
     keys = [f"{m},{f}" for m in higher_is_better for f in filters]
     if metric is None:
         key = keys[0]
@@ -202,7 +202,11 @@ def _metric_key(metric: str | None, task: Task, field: str) -> str:
 
 
 def _group_metric_key(metric: str | None, group: Group, field: str) -> str:
-    """The results key (``metric,filter``) of ``metric`` among the group's aggregates, or of its first aggregate."""
+    """The results key (``metric,filter``) of ``metric`` among the group's aggregates, or of its first aggregate.
+
+    An aggregate without a ``filter_list`` covers every filter that a task reporting its metric applies, as the
+    harness does when it aggregates.
+    """
     tasks = group.get_all_tasks()
     if not group.has_aggregation:
         names = ", ".join(task.task_name for task in tasks)
@@ -210,19 +214,31 @@ def _group_metric_key(metric: str | None, group: Group, field: str) -> str:
             f"{field}: group {group.name!r} reports no aggregate score (its YAML has no aggregate_metric_list); "
             f"name one of its tasks: {names}"
         )
-    higher_is_better = {name: better for task in tasks for name, better in task.higher_is_better().items()}
-    filters = {f["name"] for task in tasks for f in task.config.filter_list or []} or {"none"}
-    keys = [
-        f"{aggregate.metric},{name}"
-        for aggregate in group.aggregate_metric_list
-        for name in (aggregate.filter_list or sorted(filters))
-    ]
-    key = keys[0] if metric is None else metric if "," in metric else f"{metric},{keys[0].split(',')[1]}"
+    keys, higher_is_better = [], {}
+    for aggregate in group.aggregate_metric_list:
+        reporting = [task for task in tasks if aggregate.metric in task.higher_is_better()]
+        if not reporting:
+            continue
+        filters = {f for task in reporting for f in _filter_names(task)}
+        keys += [f"{aggregate.metric},{name}" for name in aggregate.filter_list or sorted(filters)]
+        higher_is_better[aggregate.metric] = all(task.higher_is_better()[aggregate.metric] for task in reporting)
+    if not keys:
+        metrics = ", ".join(aggregate.metric for aggregate in group.aggregate_metric_list)
+        raise ConfigError(f"{field}: none of group {group.name!r}'s tasks reports its aggregate metrics ({metrics})")
+    if metric is None:
+        key = keys[0]
+    else:
+        key = metric if "," in metric else next((k for k in keys if k.split(",")[0] == metric), metric)
     if key not in keys:
         raise ConfigError(f"{field}: group {group.name!r} reports no {metric!r}; it reports {', '.join(keys)}")
-    if not higher_is_better.get(key.split(",")[0], True):
+    if not higher_is_better[key.split(",")[0]]:
         raise ConfigError(f"{field}: {key!r} is lower-is-better; an ability's score must be higher-is-better")
     return key
+
+
+def _filter_names(task: Task) -> list[str]:
+    """The names of the task's filters (``none`` when it has none), each a ``metric,filter`` key of its results."""
+    return [f["name"] for f in task.config.filter_list or []] or ["none"]
 
 
 def _offline() -> bool:

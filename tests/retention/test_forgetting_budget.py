@@ -5,6 +5,7 @@ where the test puts it; one test makes a real drop on two file abilities with th
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -205,3 +206,44 @@ def test_a_run_resumed_after_an_event_equals_the_uninterrupted_run(tmp_path, tin
     if good_a is not None:
         for name in good_a["params"]:
             torch.testing.assert_close(good_a["params"][name], good_b["params"][name], atol=1e-6, rtol=0)
+
+
+# --- restoring the optimizer's state ------------------------------------------------------------------------------
+
+
+def _adamw_after_steps(model, optimizer, steps, trained):
+    for _ in range(steps):
+        for name, p in model.named_parameters():
+            p.grad = torch.ones_like(p) if name in trained else None
+        optimizer.step()
+
+
+def test_a_rollback_drops_optimizer_state_the_good_check_did_not_have():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(optimizers=[optimizer])
+    budget = ForgettingBudget(policy="rollback")
+    _adamw_after_steps(model, optimizer, 2, trained={"weight"})  # the bias has no gradient yet: no AdamW state
+    assert optimizer.state[model.bias] == {}  # read once: the state's defaultdict now holds an empty entry
+    good = budget._state(trainer, model, 2, {})
+    assert not good["optimizer"].get("bias") and good["optimizer"]["weight"]
+    weight = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    _adamw_after_steps(model, optimizer, 3, trained={"weight", "bias"})
+    optimizer.state[model.weight]["extra"] = torch.zeros(1)  # a key the good check did not have
+    budget._restore(trainer, model, good)
+    assert model.bias not in optimizer.state  # as at the good check, so its next step starts AdamW afresh
+    assert optimizer.state[model.weight].keys() == weight.keys()
+    for key, value in weight.items():
+        assert torch.equal(optimizer.state[model.weight][key], value), key
+
+
+def test_a_rollback_refuses_to_restore_a_tensor_the_optimizer_no_longer_holds():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    trainer = SimpleNamespace(optimizers=[optimizer])
+    budget = ForgettingBudget(policy="rollback")
+    _adamw_after_steps(model, optimizer, 1, trained={"weight", "bias"})
+    good = budget._state(trainer, model, 1, {})
+    del optimizer.state[model.bias]["exp_avg"]
+    with pytest.raises(RuntimeError, match=r"no longer holds 'exp_avg' of bias"):
+        budget._restore(trainer, model, good)

@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hft_lightning.data.source import AbilitySource
 from hft_lightning.errors import ConfigError
 from hft_lightning.lora import LoRA
 from hft_lightning.module import HFTModule
-from hft_lightning.scoring.harness import LMEvalTask
+from hft_lightning.scoring.harness import LMEvalTask, _group_metric_key
 from tests.data.files import records, write_jsonl
 from tests.helpers import make_trainer, run_script, tiny_datamodule, tiny_module
 
@@ -205,6 +206,35 @@ def test_bad_task_fields_are_named_before_training(tasks, fields, message):
     spec = {"task": "sums", "include_path": str(tasks), **fields}
     with pytest.raises(ConfigError, match=message):
         tiny_datamodule(abilities=["builtin:math", AbilitySource("sums", lm_eval=LMEvalTask(**spec))])
+
+
+def _task(name, metrics, filters=()):
+    """A stand-in for a loaded harness task: its metrics (name -> higher is better) and filter names."""
+    config = SimpleNamespace(task=name, filter_list=[{"name": f} for f in filters] or None)
+    return SimpleNamespace(task_name=name, config=config, higher_is_better=lambda: metrics)
+
+
+def _group(tasks, *aggregates):
+    aggregates = [SimpleNamespace(metric=m, filter_list=f) for m, f in aggregates]
+    return SimpleNamespace(name="g", has_aggregation=bool(aggregates), aggregate_metric_list=aggregates,
+                           get_all_tasks=lambda: tasks)  # fmt: skip
+
+
+def test_a_group_aggregate_covers_the_filters_of_the_tasks_that_report_its_metric():
+    tasks = [_task("cot", {"exact_match": True}, ["strict-match", "flexible"]), _task("plain", {"acc": True})]
+    group = _group(tasks, ("acc", None), ("exact_match", None))
+    assert _group_metric_key(None, group, "f") == "acc,none"
+    assert _group_metric_key("exact_match", group, "f") == "exact_match,flexible"  # its own aggregate's first filter
+    assert _group_metric_key("exact_match,strict-match", group, "f") == "exact_match,strict-match"
+    with pytest.raises(ConfigError, match=r"^f: group 'g' reports no 'acc,flexible'; it reports acc,none, exact_m"):
+        _group_metric_key("acc,flexible", group, "f")
+
+
+def test_a_group_aggregate_no_task_reports_or_lower_is_better_is_refused():
+    with pytest.raises(ConfigError, match=r"^f: none of group 'g'.s tasks reports its aggregate metrics \(bleu\)$"):
+        _group_metric_key(None, _group([_task("plain", {"acc": True})], ("bleu", ["none"])), "f")
+    with pytest.raises(ConfigError, match=r"^f: 'perplexity,none' is lower-is-better"):
+        _group_metric_key(None, _group([_task("lm", {"perplexity": False})], ("perplexity", None)), "f")
 
 
 @pytest.mark.parametrize(
